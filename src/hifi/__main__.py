@@ -1,0 +1,5 @@
+import sys
+
+from hifi.cli import main
+
+sys.exit(main())

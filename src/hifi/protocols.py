@@ -1,0 +1,100 @@
+"""What the algorithms need from a model, as narrow protocols.
+
+The core defines these; ``hifi_backends`` implements them and imports ``hifi``, never the
+reverse. Algorithms import only these protocols, so a new Stable Diffusion version is a
+new backend, not a change to any algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from hifi.kernels.ddim import Schedule
+
+__all__ = ["DenoiserBackend"]
+
+
+@runtime_checkable
+class DenoiserBackend(Protocol):
+    """A latent text-to-image diffusion model, as the paper's algorithms see it.
+
+    Conventions: images are ``[B, 3, H, W]`` floats in [-1, 1]; latents are
+    ``[B, latent_channels, H / vae_scale_factor, W / vae_scale_factor]``, already multiplied
+    by the VAE's scaling factor; text embeddings are the text encoder's full output
+    sequence ``[B, max_length, text_width]`` (the c of the paper, including padding
+    positions, whose last n slots c_s replaces).
+    """
+
+    name: str
+    """Registry name of the backend that built this instance (``tiny``, ``sd14`` ...)."""
+    model_id: str
+    """Where the weights came from (a folder, a hub id, or ``random:<arch>:<seed>``)."""
+    schedule: Schedule
+    """The noise schedule; ``schedule.prediction_type`` says what :meth:`denoise` returns."""
+    resolution: int
+    """Native image side in pixels."""
+    vae_scale_factor: int
+    latent_channels: int
+    max_length: int
+    """Text sequence length L (77 for Stable Diffusion)."""
+    text_width: int
+    """Text embedding width D (768 for SD 1.x, 1024 for SD 2.x)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def encode_text(
+        self, prompts: Sequence[str], token_embeddings: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Text-encoder output sequences ``[B, L, D]`` for the prompts.
+
+        ``token_embeddings`` maps a placeholder word (e.g. ``"<hifi-subject>"``) to an
+        input-embedding vector ``[D_in]`` that replaces that word's token embedding before
+        the text encoder runs: the classic Textual Inversion parameterisation (Eq. 2),
+        differentiable with respect to the vector.
+        """
+        ...
+
+    def null_embedding(self) -> Tensor:
+        """phi, the text-encoder output for the empty prompt, ``[1, L, D]``."""
+        ...
+
+    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Tensor) -> Tensor:
+        """The denoiser output (noise or v, per the schedule) for latents at timestep t."""
+        ...
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> scaled latents (the posterior mean: deterministic)."""
+        ...
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        ...
+
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        """The denoiser's attention processors by layer name (diffusers' processor seam)."""
+        ...
+
+    def set_attn_processor(self, processors: Mapping[str, Any] | Any) -> None:
+        """Install attention processors: one for every layer, or a ``{name: processor}`` map."""
+        ...
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters a full fine-tune (the DreamBooth variant) trains: the denoiser's."""
+        ...
+
+    def denoiser_state(self) -> dict[str, Tensor]:
+        """The denoiser's weights, for saving a fine-tune."""
+        ...
+
+    def load_denoiser_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load denoiser weights saved by :meth:`denoiser_state` (a DreamBooth run)."""
+        ...

@@ -1,0 +1,55 @@
+"""Backends by name.
+
+Backends live in other packages (``hifi_backends`` ships ``tiny``, ``sd14`` and
+``sd14-fp16``) and announce themselves through the ``hifi.backends`` entry-point group, so
+the core never imports them. An embedding product can also register a factory at run
+time with :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from hifi.errors import HifiError
+from hifi.protocols import DenoiserBackend
+
+__all__ = ["available_backends", "load_backend", "register_backend"]
+
+BackendFactory = Callable[..., DenoiserBackend]
+
+_REGISTERED: dict[str, BackendFactory] = {}
+_ENTRY_POINT_GROUP = "hifi.backends"
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make ``factory(**options)`` available as backend ``name`` (overrides an entry point)."""
+    _REGISTERED[name] = factory
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=_ENTRY_POINT_GROUP)}
+
+
+def available_backends() -> dict[str, str]:
+    """Backend names and where each comes from (``module:function``)."""
+    found = {name: ep.value for name, ep in _entry_points().items()}
+    for name, factory in _REGISTERED.items():
+        found[name] = f"{factory.__module__}:{getattr(factory, '__qualname__', factory)}"
+    return dict(sorted(found.items()))
+
+
+def load_backend(name: str, **options: Any) -> DenoiserBackend:
+    """Build backend ``name``; ``options`` go to its factory (``model``, ``device``, ``seed``...).
+
+    Raises :class:`HifiError` naming the known backends when ``name`` is unknown.
+    """
+    factory = _REGISTERED.get(name)
+    if factory is None:
+        ep = _entry_points().get(name)
+        if ep is None:
+            known = ", ".join(available_backends()) or "none (is hifi installed with pip?)"
+            raise HifiError(f"unknown backend {name!r}; known backends: {known}")
+        factory = ep.load()
+    return factory(**options)

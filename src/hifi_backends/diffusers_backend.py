@@ -1,0 +1,172 @@
+"""One implementation of :class:`hifi.protocols.DenoiserBackend` over diffusers components.
+
+Every backend in this package is this class, fed differently: random tiny components
+(``tiny``), a Stable Diffusion folder (``sd14``), or the same in half precision
+(``sd14-fp16``). It adapts the components' interfaces and holds no algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from hifi.errors import HifiError
+from hifi.kernels.ddim import Schedule
+
+
+class DiffusersBackend:
+    """A latent diffusion model made of a UNet, a VAE, a CLIP text encoder and a tokenizer.
+
+    All weights are frozen (``requires_grad=False``) and in eval mode; an algorithm that
+    fine-tunes the denoiser switches its parameters on through :meth:`trainable_parameters`.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model_id: str,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler_config: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        resolution: int | None = None,
+    ) -> None:
+        self.name = name
+        self.model_id = model_id
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = Schedule.from_config(self.scheduler_config)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(unet.config.in_channels)
+        self.resolution = resolution or int(unet.config.sample_size) * self.vae_scale_factor
+        self.max_length = int(tokenizer.model_max_length)
+        self.text_width = int(text_encoder.config.hidden_size)
+        self._scaling = float(vae.config.scaling_factor)
+        self._device = torch.device(device)
+        self._dtype = dtype
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(self._device)
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
+        self._phi: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusersBackend(name={self.name!r}, model_id={self.model_id!r},"
+            f" device={self._device}, dtype={self._dtype})"
+        )
+
+    # Text -----------------------------------------------------------------------------
+    def token_ids(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids ``[B, L]``, padded to the text encoder's full length as SD does."""
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self._device)
+
+    def add_placeholder_token(self, word: str) -> int:
+        """Add ``word`` as a new token (classic Textual Inversion) and return its id."""
+        if self.tokenizer.add_tokens([word]) == 0:
+            return int(self.tokenizer.convert_tokens_to_ids(word))
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        self.text_encoder.requires_grad_(False)
+        return int(self.tokenizer.convert_tokens_to_ids(word))
+
+    def input_embedding(self, word: str) -> Tensor:
+        """The text encoder's input embedding row of a word that is a single token."""
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise HifiError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
+        return self.text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()
+
+    def encode_text(
+        self, prompts: Sequence[str], token_embeddings: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        ids = self.token_ids(prompts)
+        if not token_embeddings:
+            return self.text_encoder(ids)[0]
+        replacements = []
+        for word, vector in token_embeddings.items():
+            token_id = self.tokenizer.convert_tokens_to_ids(word)
+            if token_id is None or token_id == self.tokenizer.unk_token_id:
+                raise HifiError(f"{word!r} is not a token; call add_placeholder_token first")
+            replacements.append((token_id, vector))
+
+        # The seam for a differentiable token embedding is the embedding layer's output:
+        # a forward hook swaps in the vectors for the placeholder positions, so the text
+        # encoder runs unmodified and gradients reach the vectors.
+        def swap(_module: torch.nn.Module, _inputs: Any, output: Tensor) -> Tensor:
+            for token_id, vector in replacements:
+                hit = (ids == token_id).unsqueeze(-1)
+                output = torch.where(hit, vector.to(output.dtype), output)
+            return output
+
+        handle = self.text_encoder.get_input_embeddings().register_forward_hook(swap)
+        try:
+            return self.text_encoder(ids)[0]
+        finally:
+            handle.remove()
+
+    def null_embedding(self) -> Tensor:
+        if self._phi is None:
+            with torch.no_grad():
+                self._phi = self.encode_text([""])
+        return self._phi
+
+    # Denoiser -------------------------------------------------------------------------
+    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Tensor) -> Tensor:
+        if cond.shape[0] != x_t.shape[0]:
+            cond = cond.expand(x_t.shape[0], -1, -1)
+        timestep = torch.as_tensor(t, device=x_t.device)
+        return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
+
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        return dict(self.unet.attn_processors)
+
+    def set_attn_processor(self, processors: Mapping[str, Any] | Any) -> None:
+        self.unet.set_attn_processor(dict(processors) if isinstance(processors, Mapping) else processors)
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.unet.parameters()
+
+    def denoiser_state(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.unet.state_dict().items()}
+
+    def load_denoiser_state(self, state: Mapping[str, Tensor]) -> None:
+        missing, unexpected = self.unet.load_state_dict(dict(state), strict=False)
+        if missing or unexpected:
+            raise HifiError(
+                f"denoiser weights do not fit this backend ({len(missing)} missing,"
+                f" {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
+            )
+
+    # VAE ------------------------------------------------------------------------------
+    def encode_images(self, images: Tensor) -> Tensor:
+        images = images.to(device=self._device, dtype=self._dtype)
+        return self.vae.encode(images).latent_dist.mean * self._scaling
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents / self._scaling).sample

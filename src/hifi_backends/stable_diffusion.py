@@ -1,0 +1,183 @@
+"""Stable Diffusion backends: ``sd14`` (fp32) and ``sd14-fp16`` (fp16/bf16, selectable attention).
+
+The same code serves SD 1.x and 2.x: everything that differs (v prediction, the 1024-wide
+text encoder, the schedule) is read from the model folder's configs. ``random:sd14`` and
+``random:sd21`` build those architectures with random weights from configs shipped in
+the package, so the full-size code path runs without any download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from hifi.errors import HifiError, ModelNotFoundError
+from hifi_backends.configs import ARCHITECTURES, load_config
+from hifi_backends.diffusers_backend import DiffusersBackend
+from hifi_backends.tokenizer import build_clip_tokenizer
+
+MODEL_ENV = "HIFI_SD_MODEL"
+ATTENTION = ("sdpa", "xformers", "math")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_random_architecture(
+    architecture: str = "sd14",
+    *,
+    seed: int = 0,
+    sample_size: int | None = None,
+    name: str = "sd14",
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> DiffusersBackend:
+    """The real SD 1.4 or SD 2.1 architecture with random weights (seeded), no download.
+
+    ``sample_size`` overrides the UNet's latent side (e.g. 8 for 64x64 images on a CPU).
+    The tokenizer is built locally (byte-level, CLIP format, 77 positions).
+    """
+    if architecture not in ARCHITECTURES:
+        raise HifiError(f"unknown architecture {architecture!r}; choose from {ARCHITECTURES}")
+    unet_config = load_config(architecture, "unet")
+    if sample_size is not None:
+        unet_config["sample_size"] = sample_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(load_config(architecture, "vae"))
+        text_config = {k: v for k, v in load_config(architecture, "text_encoder").items()
+                       if k not in ("architectures", "model_type")}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    return DiffusersBackend(
+        name=name,
+        model_id=f"random:{architecture}:{seed}",
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(model_max_length=77),
+        scheduler_config=load_config(architecture, "scheduler"),
+        device=device or default_device(),
+        dtype=dtype,
+    )
+
+
+def _resolve_model(model: str | None) -> str:
+    model = model or os.environ.get(MODEL_ENV)
+    if not model:
+        raise ModelNotFoundError(
+            "no Stable Diffusion weights given: pass --model PATH (a local diffusers folder,"
+            f" e.g. a copy of CompVis/stable-diffusion-v1-4) or set {MODEL_ENV}"
+        )
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and Path(model).exists()
+    if looks_like_path and not Path(model).expanduser().is_dir():
+        raise ModelNotFoundError(
+            f"Stable Diffusion folder {model!r} does not exist: pass --model with a diffusers"
+            " folder holding unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    return str(Path(model).expanduser()) if looks_like_path else model
+
+
+def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Load the four components, turning any loader failure into one clear line."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    kwargs: dict[str, Any] = {"local_files_only": offline}
+    try:
+        return {
+            "unet": UNet2DConditionModel.from_pretrained(
+                model, subfolder="unet", torch_dtype=dtype, **kwargs
+            ),
+            "vae": AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs),
+            "text_encoder": CLIPTextModel.from_pretrained(
+                model, subfolder="text_encoder", dtype=dtype, **kwargs
+            ),
+            "tokenizer": CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
+            "scheduler_config": dict(
+                UNet2DConditionModel.load_config(model, subfolder="scheduler", **kwargs)
+            ),
+        }
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(
+            f"could not load Stable Diffusion from {model!r} ({first}). Supply a local diffusers"
+            f" folder with --model PATH or {MODEL_ENV}; this machine may have no hub access"
+        ) from err
+
+
+def load_stable_diffusion(
+    model: str | None = None,
+    *,
+    name: str = "sd14",
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attention: str = "sdpa",
+    seed: int = 0,
+) -> DiffusersBackend:
+    """Stable Diffusion 1.x/2.x from a diffusers folder or hub id (or ``random:sd14|sd21``).
+
+    ``attention``: ``sdpa`` (PyTorch scaled-dot-product attention, diffusers' default),
+    ``xformers`` (memory-efficient kernels; needs a working xformers install) or ``math``
+    (the plain reference implementation).
+    """
+    if attention not in ATTENTION:
+        raise HifiError(f"unknown attention {attention!r}; choose from {ATTENTION}")
+    model = _resolve_model(model)
+    if model.startswith("random:"):
+        backend = build_random_architecture(
+            model.split(":", 1)[1], seed=seed, name=name, device=device, dtype=dtype
+        )
+    else:
+        parts = _load_components(model, dtype)
+        backend = DiffusersBackend(
+            name=name, model_id=model, device=device or default_device(), dtype=dtype, **parts
+        )
+    _set_attention(backend, attention)
+    return backend
+
+
+def _set_attention(backend: DiffusersBackend, attention: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention == "sdpa":
+        backend.set_attn_processor(AttnProcessor2_0())
+    elif attention == "math":
+        backend.set_attn_processor(AttnProcessor())
+    else:
+        try:
+            backend.unet.enable_xformers_memory_efficient_attention()
+        except Exception as err:  # xformers raises ImportError, RuntimeError, ValueError ...
+            raise HifiError(
+                f"xformers attention is not usable here ({type(err).__name__}: {err});"
+                " use --attention sdpa"
+            ) from err
+
+
+def build_sd14_backend(
+    *, model: str | None = None, seed: int = 0, device: str | None = None
+) -> DiffusersBackend:
+    """Registry entry ``sd14``: full precision, PyTorch SDPA attention."""
+    return load_stable_diffusion(model, name="sd14", device=device, seed=seed)
+
+
+def build_sd14_fp16_backend(
+    *,
+    model: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    precision: str = "fp16",
+    attention: str = "sdpa",
+) -> DiffusersBackend:
+    """Registry entry ``sd14-fp16``: half precision (``fp16`` or ``bf16``), selectable attention."""
+    if precision not in ("fp16", "bf16"):
+        raise HifiError(f"precision must be fp16 or bf16, got {precision!r}")
+    return load_stable_diffusion(
+        model, name="sd14-fp16", device=device, dtype=_DTYPES[precision], attention=attention,
+        seed=seed,
+    )
