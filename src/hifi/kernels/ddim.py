@@ -32,12 +32,14 @@ TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 __all__ = [
     "PredictionType",
+    "add_noise",
     "Schedule",
     "cfg_combine",
     "ddim_inverse_step",
     "ddim_step",
     "ddim_timesteps",
     "predict_x0_and_eps",
+    "training_target",
 ]
 
 
@@ -215,3 +217,26 @@ def cfg_combine(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
     """
     return w * cond + (1.0 - w) * uncond
 
+
+
+def add_noise(x0: Tensor, eps: Tensor, alpha: Tensor | float) -> Tensor:
+    """The forward process N_s(x_0, eps, t) of Algorithm 1: ``sqrt(a_t) x_0 + sqrt(1-a_t) eps``.
+
+    ``alpha`` is ``a_t``: a number, or a ``[B]`` tensor with one value per sample.
+    """
+    a = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device)
+    if a.dim() == 1:
+        a = a.view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def training_target(x0: Tensor, eps: Tensor, alpha: Tensor | float, prediction_type: PredictionType) -> Tensor:
+    """What the denoiser should output for ``add_noise(x0, eps, alpha)``: eps, or v."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type != "v_prediction":
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    a = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device)
+    if a.dim() == 1:
+        a = a.view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * eps - (1 - a).sqrt() * x0

@@ -1,27 +1,23 @@
 """The ``hifi`` command line: a thin layer over the public Python API.
 
-Each sub-command parses its flags, calls one library function, and prints what it
-returns. A :class:`~hifi.errors.HifiError` becomes one line on stderr and exit status 2.
+Each sub-command lives in its own module under :mod:`hifi.cli` with a
+``register(subparsers)`` function that adds its parser and sets ``func``; the handler
+parses flags, calls one library function, and prints what it returns. A
+:class:`~hifi.errors.HifiError` becomes one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from hifi import __version__
 from hifi.errors import HifiError
-from hifi.registry import available_backends
 
-Command = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, Command] = {}
-
-
-def _cmd_backends(args: argparse.Namespace) -> int:
-    for name, source in available_backends().items():
-        print(f"{name:12s} {source}")
-    return 0
+# Sub-command modules, in the order `hifi --help` lists them.
+COMMAND_MODULES = ("backends",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hifi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("backends", help="list the registered denoiser backends")
-    p.set_defaults(func=_cmd_backends)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"hifi.cli.{name}").register(sub)
     return parser
 
 
@@ -51,7 +47,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hifi: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

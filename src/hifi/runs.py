@@ -1,0 +1,210 @@
+"""The run folder: what ``hifi tune`` writes and every later command reads.
+
+Layout (all files written atomically)::
+
+    RUN_DIR/
+      run.json                     metadata and the resolved config (see RunMeta)
+      subject.safetensors          c_s as "c_s" [n, D]; each c_s^t as "c_s_t{t:04d}";
+                                   the classic-TI vector as "token_vector"; string metadata
+                                   (backend, model id, mode, class, caption, tokens ...)
+      learned_embeds.safetensors   classic-ti only: {"<hifi-subject>": [D_in]}, the file
+                                   diffusers' ``load_textual_inversion`` reads
+      denoiser.safetensors         dreambooth only: the fine-tuned UNet state dict
+      masks/NAME.png               the masks the run was tuned with, by source file name
+      sources/NAME.png             the source photos as tuned (square, backend resolution)
+      losses.jsonl                 one JSON object per optimisation step
+      checkpoint/                  resumable state while a tune is in progress
+
+A run written by one backend refuses to load into an incompatible one (text width, text
+length, or noise schedule differ).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from hifi import __version__
+from hifi.errors import HifiError
+from hifi.io import atomic_path, write_json
+from hifi.protocols import DenoiserBackend
+from hifi.subject import PLACEHOLDER, Mode, Subject
+
+__all__ = [
+    "Run",
+    "RunMeta",
+    "apply_run",
+    "check_compatible",
+    "load_run",
+    "load_tensors",
+    "save_run",
+    "save_tensors",
+    "write_jsonl",
+]
+
+RUN_FILE = "run.json"
+SUBJECT_FILE = "subject.safetensors"
+TI_FILE = "learned_embeds.safetensors"
+DENOISER_FILE = "denoiser.safetensors"
+
+
+@attrs.frozen
+class RunMeta:
+    """What a run records about how it was made."""
+
+    backend: str
+    model_id: str
+    mode: Mode
+    class_name: str
+    caption: str
+    num_tokens: int
+    text_width: int
+    max_length: int
+    schedule: dict[str, Any]
+    num_steps: int
+    sources: tuple[str, ...]
+    masks: str
+    """``"none"`` (all-ones), ``"folder"`` or ``"auto"``."""
+    config: dict[str, Any] = attrs.field(factory=dict)
+    version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunMeta:
+        fields = {f.name for f in attrs.fields(cls)}
+        known = {k: v for k, v in data.items() if k in fields}
+        known["sources"] = tuple(known.get("sources", ()))
+        return cls(**known)
+
+
+@attrs.frozen(eq=False)
+class Run:
+    """A loaded run: its metadata, its subject, and where its files are."""
+
+    path: Path
+    meta: RunMeta
+    subject: Subject
+
+    @property
+    def denoiser_file(self) -> Path | None:
+        p = self.path / DENOISER_FILE
+        return p if p.exists() else None
+
+    def source_images(self) -> list[Path]:
+        return sorted((self.path / "sources").glob("*.png"))
+
+    def mask_images(self) -> list[Path]:
+        return sorted((self.path / "masks").glob("*.png"))
+
+
+def save_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """safetensors, written atomically; tensors are made contiguous CPU copies."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata=dict(metadata or {}))
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    """Load a safetensors file with a clear error when it is missing or damaged."""
+    if not path.exists():
+        raise HifiError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise HifiError(f"{path} is not a readable safetensors file ({err})") from err
+
+
+def save_run(
+    run_dir: Path,
+    subject: Subject,
+    meta: RunMeta,
+    *,
+    denoiser_state: Mapping[str, Tensor] | None = None,
+) -> None:
+    """Write the subject files and run.json (run.json last: its presence marks a finished run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    if subject.c_s is not None:
+        tensors["c_s"] = subject.c_s
+    for t, v in subject.stepwise.items():
+        tensors[f"c_s_t{t:04d}"] = v
+    if subject.token_vector is not None:
+        tensors["token_vector"] = subject.token_vector
+        save_tensors(run_dir / TI_FILE, {PLACEHOLDER: subject.token_vector})
+    if not tensors:
+        tensors["empty"] = torch.zeros(0)  # dreambooth: the subject is in denoiser.safetensors
+    string_meta = {
+        "backend": meta.backend, "model_id": meta.model_id, "mode": meta.mode,
+        "class_name": meta.class_name, "caption": meta.caption, "num_tokens": str(meta.num_tokens),
+        "text_width": str(meta.text_width), "num_steps": str(meta.num_steps),
+        "schedule": json.dumps(meta.schedule, sort_keys=True), "masks": meta.masks,
+        "library": f"hifi {meta.version}",
+    }
+    save_tensors(run_dir / SUBJECT_FILE, tensors, string_meta)
+    if denoiser_state is not None:
+        save_tensors(run_dir / DENOISER_FILE, denoiser_state, {"format": "diffusers UNet2DConditionModel state dict"})
+    write_json(run_dir / RUN_FILE, meta.to_json())
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a finished run folder."""
+    path = Path(run_dir)
+    meta_file = path / RUN_FILE
+    if not meta_file.exists():
+        hint = " (a tune in progress? rerun it with --resume)" if (path / "checkpoint").exists() else ""
+        raise HifiError(f"{path} is not a finished hifi run: {RUN_FILE} is missing{hint}")
+    try:
+        meta = RunMeta.from_json(json.loads(meta_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise HifiError(f"{meta_file} is damaged ({err})") from err
+    tensors = load_tensors(path / SUBJECT_FILE)
+    stepwise = {int(k[len("c_s_t"):]): v for k, v in tensors.items() if k.startswith("c_s_t")}
+    subject = Subject(
+        class_name=meta.class_name, mode=meta.mode, c_s=tensors.get("c_s"),
+        stepwise=dict(sorted(stepwise.items(), reverse=True)), token_vector=tensors.get("token_vector"),
+    )
+    return Run(path=path, meta=meta, subject=subject)
+
+
+def check_compatible(meta: RunMeta, backend: DenoiserBackend) -> None:
+    """Refuse, with a clear message, a run made for a model of another shape or schedule."""
+    problems: list[str] = []
+    if meta.text_width != backend.text_width:
+        problems.append(f"text width {meta.text_width} vs {backend.text_width}")
+    if meta.max_length != backend.max_length:
+        problems.append(f"text length {meta.max_length} vs {backend.max_length}")
+    ours = backend.schedule.to_config()
+    for key in ("num_train_timesteps", "prediction_type", "alphas_cumprod_sum"):
+        if meta.schedule.get(key) != ours.get(key):
+            problems.append(f"scheduler {key} {meta.schedule.get(key)} vs {ours.get(key)}")
+    if problems:
+        raise HifiError(
+            f"this run was tuned on backend {meta.backend!r} ({meta.model_id}) and does not fit"
+            f" backend {backend.name!r} ({backend.model_id}): " + "; ".join(problems)
+        )
+
+
+def apply_run(run: Run, backend: DenoiserBackend) -> Subject:
+    """Check compatibility, load DreamBooth weights if any, and return the subject on the backend's device."""
+    check_compatible(run.meta, backend)
+    if run.meta.mode == "dreambooth":
+        if run.denoiser_file is None:
+            raise HifiError(f"{run.path} is a dreambooth run without {DENOISER_FILE}")
+        backend.load_denoiser_state(load_tensors(run.denoiser_file))
+    return run.subject.to(backend.device)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write JSON lines atomically (the whole file: a log rewritten at each checkpoint)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in rows))
