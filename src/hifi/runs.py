@@ -39,6 +39,7 @@ from hifi.protocols import DenoiserBackend
 from hifi.subject import PLACEHOLDER, Mode, Subject
 
 __all__ = [
+    "FolderCheckpointer",
     "Run",
     "RunMeta",
     "apply_run",
@@ -208,3 +209,71 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write JSON lines atomically (the whole file: a log rewritten at each checkpoint)."""
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in rows))
+
+
+def _flatten(value: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
+    """Nested state -> JSON, with tensors moved to ``tensors`` under path-like keys."""
+    if isinstance(value, Tensor):
+        tensors[prefix] = value
+        return {"__tensor__": prefix}
+    if isinstance(value, Mapping):
+        return {"__items__": [[k, _flatten(v, tensors, f"{prefix}/{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(value)]
+    return value
+
+
+def _unflatten(value: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and "__items__" in value:
+        return {k: _unflatten(v, tensors) for k, v in value["__items__"]}
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    return value
+
+
+class FolderCheckpointer:
+    """Resumable tune state in ``RUN_DIR/checkpoint/``: tensors in safetensors, the rest in JSON.
+
+    Each save writes a new ``state-N.safetensors``, then ``state.json`` naming it (atomic
+    replace), then removes the older tensors file; so a crash at any point leaves the
+    previous complete checkpoint readable. Dictionary keys keep their types (Adam's state
+    is keyed by integers).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.index = folder / "state.json"
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.index.exists():
+            return None
+        try:
+            index = json.loads(self.index.read_text())
+        except json.JSONDecodeError as err:
+            raise HifiError(f"{self.index} is damaged ({err}); delete the checkpoint folder to start over") from err
+        tensors = load_tensors(self.folder / index["tensors"])
+        state: dict[str, Any] = _unflatten(index["state"], tensors)
+        return state
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        tensors: dict[str, Tensor] = {}
+        tree = _flatten(dict(state), tensors, "s")
+        counter = 0
+        if self.index.exists():
+            counter = int(json.loads(self.index.read_text()).get("counter", 0)) + 1
+        name = f"state-{counter}.safetensors"
+        save_tensors(self.folder / name, tensors or {"empty": torch.zeros(0)})
+        write_json(self.index, {"tensors": name, "counter": counter, "state": tree})
+        for old in self.folder.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def clear(self) -> None:
+        """Remove the checkpoint (after the run's final files are written)."""
+        for f in list(self.folder.glob("state-*.safetensors")) + [self.index]:
+            if f.exists():
+                f.unlink()
+        if self.folder.exists() and not any(self.folder.iterdir()):
+            self.folder.rmdir()

@@ -1,0 +1,31 @@
+"""Flags and helpers shared by the sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from hifi.protocols import DenoiserBackend
+from hifi.registry import load_backend
+
+
+def add_backend_flags(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
+    p.add_argument("--backend", default=default, help="denoiser backend (see `hifi backends`)")
+    p.add_argument("--model", default=None, help="model folder or hub id for sd14 / sd14-fp16 (or HIFI_SD_MODEL)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def backend_from_args(args: argparse.Namespace, name: str | None = None, model: str | None = None) -> DenoiserBackend:
+    """Build the backend the flags name (``name``/``model`` are fallbacks, e.g. from a run)."""
+    options: dict[str, Any] = {}
+    model = args.model or model
+    if model and not (model.startswith("random:") and (args.backend or name) == "tiny"):
+        options["model"] = model
+    if args.device:
+        options["device"] = args.device
+    return load_backend(args.backend or name or "tiny", **options)
+
+
+def warn(message: str) -> None:
+    print(f"hifi: warning: {message}", file=sys.stderr)
