@@ -127,7 +127,9 @@ class Subject:
 
     def to(self, device: torch.device | str) -> Subject:
         """A copy with every tensor on ``device``."""
-        move = (lambda x: None if x is None else x.to(device))
+        def move(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device)
+
         return attrs.evolve(
             self,
             c_s=move(self.c_s),

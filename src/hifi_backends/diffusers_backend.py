@@ -90,7 +90,7 @@ class DiffusersBackend:
         """Add ``word`` as a new token (classic Textual Inversion) and return its id."""
         if self.tokenizer.add_tokens([word]) == 0:
             return int(self.tokenizer.convert_tokens_to_ids(word))
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         self.text_encoder.requires_grad_(False)
         return int(self.tokenizer.convert_tokens_to_ids(word))
 

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (``nox -s bench`` or ``python -m benchmarks.run``)."""

@@ -1,0 +1,228 @@
+"""Per-stage benchmarks: each stage beside the naive way of writing it, measured in one run.
+
+    python -m benchmarks.run --backend tiny
+    python -m benchmarks.run --arch sd14 --sample-size 8        # SD1.4 architecture, 64x64, random weights
+
+Writes ``benchmarks/results/<name>.json`` and ``.md``: the median time of each stage and
+of its naive counterpart, their ratio, and the process's peak memory (the GPU's peak
+allocation on CUDA; on the CPU the process's peak resident set so far, which only grows).
+Report ratios from one run side by side; absolute times are only meaningful on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hifi import load_backend
+from hifi.algorithms.sampling import ddim_invert, ddim_sample
+from hifi.io import write_json
+from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
+from hifi.kernels.losses import masked_mse, ridge_to_null, splice_subject, subject_slots
+from hifi.protocols import DenoiserBackend
+from hifi.subject import PLACEHOLDER
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _sync(backend: DenoiserBackend) -> None:
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mb(backend: DenoiserBackend) -> float:
+    if backend.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(backend: DenoiserBackend, fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(backend)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(backend)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Stages:
+    """Each stage and its naive twin, sharing one set of inputs."""
+
+    def __init__(self, backend: DenoiserBackend, batch: int, num_steps: int) -> None:
+        self.b, self.batch, self.n = backend, batch, num_steps
+        side = backend.resolution // backend.vae_scale_factor
+        g = torch.Generator().manual_seed(0)
+        dev, dt = backend.device, backend.dtype
+        self.x0 = torch.randn(batch, backend.latent_channels, side, side, generator=g).to(dev, dt)
+        self.mask = torch.ones(batch, 1, side, side, device=dev, dtype=dt)
+        self.caption = "a photo of a dog"
+        with torch.no_grad():
+            self.c = backend.encode_text([self.caption])
+            self.phi = backend.null_embedding()
+        self.phi_s = subject_slots(self.phi, 5)[0].float()
+        self.c_s = self.phi_s.clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.c_s], lr=5e-3)
+        self.alphas = torch.tensor(backend.schedule.alphas_cumprod)
+        add = getattr(backend, "add_placeholder_token", None)
+        self.has_ti = add is not None
+        if add is not None:
+            add(PLACEHOLDER)
+            self.vector = backend.input_embedding("dog").float().requires_grad_(True)  # type: ignore[attr-defined]
+            self.ti_opt = torch.optim.Adam([self.vector], lr=5e-3)
+
+    def _noisy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = torch.randint(0, 1000, (self.batch,))
+        eps = torch.randn_like(self.x0)
+        return add_noise(self.x0, eps, self.alphas[t].to(self.x0)), t.to(self.x0.device), eps
+
+    def c_s_step(self) -> None:
+        """One step of Eq. 6: caption encoded once, all images in one batch."""
+        x_t, t, eps = self._noisy()
+        loss = masked_mse(self.b.denoise(x_t, t, splice_subject(self.c, self.c_s)).float(), eps.float(), self.mask)
+        loss = loss + ridge_to_null(self.c_s, self.phi_s, 1e-4)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+    def c_s_step_naive(self) -> None:
+        """The same step written naively: text encoder in the loop, one image per forward."""
+        x_t, t, eps = self._noisy()
+        self.opt.zero_grad()
+        for i in range(self.batch):
+            c = self.b.encode_text([self.caption])
+            pred = self.b.denoise(x_t[i : i + 1], t[i : i + 1], splice_subject(c, self.c_s))
+            loss = F.mse_loss(pred.float(), eps[i : i + 1].float()) / self.batch
+            (loss + ridge_to_null(self.c_s, self.phi_s, 1e-4) / self.batch).backward()
+        self.opt.step()
+
+    def ti_step(self) -> None:
+        """One classic Textual Inversion step (the text encoder is in its loop by design)."""
+        x_t, t, eps = self._noisy()
+        c = self.b.encode_text([f"a photo of a {PLACEHOLDER}"], token_embeddings={PLACEHOLDER: self.vector})
+        loss = F.mse_loss(self.b.denoise(x_t, t, c).float(), eps.float())
+        self.ti_opt.zero_grad()
+        loss.backward()
+        self.ti_opt.step()
+
+    def stepwise_pass(self, naive: bool = False) -> None:
+        """Algorithm 1 over the whole grid with I = 1 (the cost per c_s^t step)."""
+        for _ in ddim_timesteps(self.b.schedule, self.n):
+            (self.c_s_step_naive if naive else self.c_s_step)()
+
+    def generation(self) -> None:
+        """N-step DDIM with guidance: both branches in one batched call."""
+        with torch.no_grad():
+            ddim_sample(self.b.denoise, self.b.schedule, self.x0[:1], self.c, uncond=self.phi, num_steps=self.n)
+
+    def generation_naive(self) -> None:
+        """The same with the conditional and unconditional branches as two calls."""
+        s = self.b.schedule
+        stride = s.stride(self.n)
+        with torch.no_grad():
+            x = self.x0[:1]
+            for t in ddim_timesteps(s, self.n):
+                out = cfg_combine(self.b.denoise(x, t, self.c), self.b.denoise(x, t, self.phi), 7.5)
+                x = ddim_step(out, x, s.alpha(t), s.alpha(t - stride), s.prediction_type)
+
+    def inversion(self) -> None:
+        with torch.no_grad():
+            ddim_invert(self.b.denoise, self.b.schedule, self.x0[:1], self.c, num_steps=self.n)
+
+
+def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int) -> dict[str, Any]:
+    s = Stages(backend, batch, num_steps)
+    rows: list[dict[str, Any]] = []
+
+    def measure(stage: str, fast: Callable[[], Any], naive: Callable[[], Any] | None, naive_label: str) -> None:
+        fast_s = timed(backend, fast, repeats)
+        row: dict[str, Any] = {"stage": stage, "seconds": fast_s, "peak_mb": _peak_mb(backend)}
+        if naive is not None:
+            naive_s = timed(backend, naive, repeats)
+            row.update(naive=naive_label, naive_seconds=naive_s, speedup=naive_s / fast_s)
+        rows.append(row)
+
+    measure("c_s step (Eq. 6)", s.c_s_step, s.c_s_step_naive, "text encoder in the loop, one image per forward")
+    if s.has_ti:
+        measure("classic TI step (Eq. 2)", s.ti_step, s.c_s_step, "ratio: c_s step vs TI step")
+        rows[-1]["naive"] = "c_s step (speedup = TI time / c_s time)"
+        rows[-1]["naive_seconds"], rows[-1]["speedup"] = rows[0]["seconds"], rows[-1]["seconds"] / rows[0]["seconds"]
+    measure(f"step-wise pass, I=1, T={num_steps}", s.stepwise_pass, lambda: s.stepwise_pass(naive=True),
+            "text encoder in the loop, one image per forward")
+    measure(f"{num_steps}-step generation (CFG)", s.generation, s.generation_naive, "CFG branches as two calls")
+    measure(f"DDIM inversion, {num_steps} steps", s.inversion, None, "")
+    return {
+        "label": label, "backend": backend.name, "model_id": backend.model_id, "device": str(backend.device),
+        "dtype": str(backend.dtype), "resolution": backend.resolution, "batch": batch, "num_steps": num_steps,
+        "repeats": repeats, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if backend.device.type == "cuda" else None,
+        "torch": torch.__version__, "rows": rows,
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# {result['label']}",
+        "",
+        f"backend `{result['backend']}` ({result['model_id']}), {result['device']} {result['dtype']},"
+        f" {result['resolution']}px, batch {result['batch']}, {result['num_steps']} DDIM steps,"
+        f" median of {result['repeats']}; machine: {result['gpu'] or result['machine']},"
+        f" {result['cpu_threads']} threads, torch {result['torch']}.",
+        "",
+        "| stage | time (s) | naive way | naive time (s) | speedup | peak MB |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        naive = r.get("naive", "")
+        naive_s = f"{r['naive_seconds']:.4f}" if "naive_seconds" in r else ""
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        lines.append(f"| {r['stage']} | {r['seconds']:.4f} | {naive} | {naive_s} | {speed} | {r['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="tiny")
+    p.add_argument("--arch", default=None, help="sd14 or sd21: the architecture with random weights")
+    p.add_argument("--sample-size", type=int, default=8, help="latent side for --arch (8 = 64x64 images)")
+    p.add_argument("--batch", type=int, default=3)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--name", default=None, help="results file stem")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.arch:
+        from hifi_backends.stable_diffusion import build_random_architecture
+
+        backend: DenoiserBackend = build_random_architecture(args.arch, sample_size=args.sample_size)
+        label = f"{args.arch} architecture (random weights), {backend.resolution}px"
+    else:
+        backend = load_backend(args.backend)
+        label = f"{args.backend} backend"
+    result = run(backend, label, args.batch, args.steps, args.repeats)
+    name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{name}.json", result)
+    (RESULTS / f"{name}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    print(json.dumps({"wrote": str(RESULTS / f"{name}.json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
