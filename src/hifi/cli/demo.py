@@ -1,0 +1,40 @@
+"""``hifi demo``: tune on a drawn subject, generate plain and guided, write a grid and a table."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hifi.algorithms.reference import ReferenceSettings
+from hifi.algorithms.tune import TuneConfig
+from hifi.cli.common import add_backend_flags, backend_from_args, warn
+from hifi.demo import run_demo
+
+
+def run(args: argparse.Namespace) -> int:
+    config = TuneConfig(steps=args.steps, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps,
+                        checkpoint_every=50)
+    reference = ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
+                                  phi_steps=args.phi_steps)
+    backend = backend_from_args(args)
+    result = run_demo(args.out, backend, config=config, reference=reference, progress=not args.quiet)
+    for w in result.warnings:
+        warn(w)
+    print(result.table)
+    print(f"wrote {result.grid} (rows: source photos, masks, plain generations, guided generations,"
+          " masks found in the generations) and metrics.md / metrics.json")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("demo", help="the whole method on drawn photos: tune, generate, grid and table")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    add_backend_flags(p)
+    p.add_argument("--steps", type=int, default=200, help="c_s steps (default 200)")
+    p.add_argument("--stepwise-steps", type=int, default=5, help="I of Algorithm 1 (default 5)")
+    p.add_argument("--ddim-steps", type=int, default=20, help="T (default 20)")
+    p.add_argument("--t-start", type=int, default=16, help="t_s of Algorithm 2 (default 16 of 20)")
+    p.add_argument("--t-end", type=int, default=4, help="t_e of Algorithm 2 (default 4 of 20)")
+    p.add_argument("--phi-steps", type=int, default=3, help="J of Algorithm 2 (default 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
