@@ -20,7 +20,7 @@ Model = Callable[[Tensor, int, Tensor], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
 """``callback(i, t, x_{t-1})`` after denoising step i (0-based) at timestep t."""
 
-__all__ = ["Model", "ddim_invert", "ddim_sample", "guided_output"]
+__all__ = ["Model", "ddim_invert", "ddim_sample", "guided_output", "per_step"]
 
 
 def guided_output(model: Model, x: Tensor, t: int, cond: Tensor, uncond: Tensor | None, w: float) -> Tensor:
@@ -39,7 +39,8 @@ def guided_output(model: Model, x: Tensor, t: int, cond: Tensor, uncond: Tensor 
     return cfg_combine(out_cond, out_uncond, w)
 
 
-def _per_step(cond: Tensor | Sequence[Tensor], num_steps: int) -> Sequence[Tensor]:
+def per_step(cond: Tensor | Sequence[Tensor], num_steps: int) -> Sequence[Tensor]:
+    """One embedding per denoising step: a single tensor repeated, or a sequence checked for length."""
     if isinstance(cond, Tensor):
         return [cond] * num_steps
     if len(cond) != num_steps:
@@ -53,7 +54,7 @@ def ddim_sample(
     x_T: Tensor,
     cond: Tensor | Sequence[Tensor],
     *,
-    uncond: Tensor | None = None,
+    uncond: Tensor | Sequence[Tensor] | None = None,
     guidance: float = 7.5,
     num_steps: int = 50,
     callback: StepCallback | None = None,
@@ -61,14 +62,16 @@ def ddim_sample(
     """Denoise x_T to x_0 with N deterministic DDIM steps, x_{t-1} = F^(t)(x_t, c, phi) (Eq. 1).
 
     ``cond`` is one text embedding for every step, or one per step in denoising order:
-    the step-wise ``[c, c_s^t]`` of Eq. 7.
+    the step-wise ``[c, c_s^t]`` of Eq. 7. ``uncond`` likewise: phi, or one phi_t per step
+    (the learned null embeddings of null-text inversion, Eq. 4).
     """
     timesteps = ddim_timesteps(schedule, num_steps)
     stride = schedule.stride(num_steps)
-    conds = _per_step(cond, num_steps)
+    conds = per_step(cond, num_steps)
+    unconds = per_step(uncond, num_steps) if uncond is not None else [None] * num_steps
     x = x_T
     for i, t in enumerate(timesteps):
-        out = guided_output(model, x, t, conds[i], uncond, guidance)
+        out = guided_output(model, x, t, conds[i], unconds[i], guidance)
         x = ddim_step(
             out, x, schedule.alpha(t), schedule.alpha(t - stride), schedule.prediction_type,
             schedule.clip_sample_range,
