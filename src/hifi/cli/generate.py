@@ -38,7 +38,7 @@ RESULT_FILE = "generate.json"
 
 
 def load_references(run: Run, size: int, embedder: ImageEmbedder) -> tuple[References, list[str]]:
-    """The run's source photos and the masks it was tuned with; a missing mask is the whole photo."""
+    """The run's source photos and the masks it was tuned with; a missing or empty mask is the whole photo."""
     sources = run.source_images()
     if not sources:
         raise HifiError(f"{run.path} has no source photos (sources/*.png) to take a reference from; use --no-reference")
@@ -47,11 +47,11 @@ def load_references(run: Run, size: int, embedder: ImageEmbedder) -> tuple[Refer
     images, mask_list = [], []
     for path in sources:
         images.append(image_to_tensor(load_image(path), size))
-        if path.stem in masks:
-            mask_list.append(mask_to_tensor(load_image(masks[path.stem], "L"), size))
-        else:
-            warnings.append(f"{path.name} has no mask in {run.path / 'masks'}; the whole photo is its subject")
-            mask_list.append(torch.ones(size, size))
+        mask = mask_to_tensor(load_image(masks[path.stem], "L"), size) if path.stem in masks else None
+        if mask is None or not bool(mask.any()):
+            warnings.append(f"{path.name} has no subject mask in {run.path / 'masks'}; the whole photo is its subject")
+            mask = torch.ones(size, size)
+        mask_list.append(mask)
     refs = prepare_references(torch.stack(images), torch.stack(mask_list) > 0.5, [p.stem for p in sources], embedder)
     return refs, warnings
 
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.no_reference:
         settings.check()  # before the minutes a backend may take to load
-    if args.num_images < 1:
-        raise HifiError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.num_images < 1 or args.steps < 1:
+        raise HifiError(f"--num-images and --steps must be at least 1, got {args.num_images} and {args.steps}")
     tuned = load_run(args.run)
     backend = backend_from_args(args, name=tuned.meta.backend, model=tuned.meta.model_id)
     subject = apply_run(tuned, backend)
@@ -166,14 +166,13 @@ def run(args: argparse.Namespace) -> int:
 
     records: list[dict[str, Any]] = []
     finals: list[Image.Image] = []
-    stems: set[str] = set()
+    slugs: set[str] = set()
     for index, prompt in enumerate(args.prompt):
         slug = _slug(prompt)
-        if any(s.startswith(f"{slug}_seed") for s in stems):
-            slug = f"{slug}-{index}"
+        slug = f"{slug}-{index}" if slug in slugs else slug
+        slugs.add(slug)
         for seed in seeds:
             stem = f"{slug}_seed{seed}"
-            stems.add(stem)
             record: dict[str, Any] = {"file": f"{stem}.png", "prompt": prompt, "seed": seed}
             if perception is None or refs is None:
                 drawn = first_pass(
