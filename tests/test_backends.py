@@ -111,6 +111,7 @@ def test_full_size_architectures_run_the_kernels(arch, width, prediction):
     """The real SD 1.4 / 2.1 architectures, random weights, 64x64 images, on the CPU."""
     from hifi_backends.stable_diffusion import build_random_architecture
 
+    torch.set_num_threads(2)  # large matrices: threads pay here (conftest sets 1 for the tiny model)
     backend = build_random_architecture(arch, sample_size=8, device="cpu")
     assert isinstance(backend, DenoiserBackend)
     assert backend.text_width == width and backend.max_length == 77

@@ -20,15 +20,6 @@ FAST = ["--steps", "6", "--t-start", "4", "--t-end", "2", "--phi-steps", "2", "-
 PROMPT = "a photo of a dog on the beach"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are so small that extra threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_run(folder, mode="hifi"):
     """A run folder as ``hifi tune`` writes it: subject files, run.json, sources/ and masks/."""
     backend = load_backend("tiny", seed=0)

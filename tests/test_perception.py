@@ -31,15 +31,6 @@ from hifi.subject import Subject
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are so small that extra threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _components(mask: torch.Tensor, neighbours: list[tuple[int, int]]) -> list[set[tuple[int, int]]]:
     """Connected components by breadth-first search: the naive implementation to check against."""
     h, w = mask.shape

@@ -33,15 +33,6 @@ T, T_S, T_E, J = 8, 6, 3, 3
 FAST = ReferenceSettings(num_steps=T, t_start=T_S, t_end=T_E, phi_steps=J)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are so small that extra threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def subject():
     return Subject("dog", "hifi", c_s=0.5 * torch.randn(5, 32, generator=torch.Generator().manual_seed(0)))

@@ -20,15 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
-from hifi.algorithms.reference import ReferenceSettings, prepare_references, reference_guided_generate
+from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
 from hifi.algorithms.tune import TuneConfig
-from hifi.io import atomic_path, image_to_tensor, load_image, make_grid, mask_to_tensor, save_image, tensor_to_image, write_json
+from hifi.io import (
+    atomic_path,
+    make_grid,
+    save_image,
+    tensor_to_image,
+    write_json,
+)
 from hifi.perception import default_perception
 from hifi.protocols import DenoiserBackend
 from hifi.runs import apply_run, load_run
 from hifi.subject import Subject
 from hifi.synthetic import draw_subject_photos
-from hifi.workflows import tune_to_run
+from hifi.workflows import load_references, tune_to_run
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -82,12 +88,11 @@ def run_demo(
     run = load_run(run_dir)
     subject = apply_run(run, backend)
     size = backend.resolution
-    sources = torch.stack([image_to_tensor(load_image(p), size) for p in run.source_images()]).to(backend.device)
-    masks = torch.stack([mask_to_tensor(load_image(p, "L"), size) for p in run.mask_images()]).to(backend.device)
     perception = default_perception(backend)
-    references = prepare_references(sources, masks, [p.stem for p in run.source_images()], perception.embedder)
+    references, ref_warnings = load_references(run, size, perception.embedder)
+    sources, masks = references.images, references.masks.float()
 
-    warnings = list(outcome_warnings)
+    warnings = list(outcome_warnings) + ref_warnings
     plain, guided, generated_masks = [], [], []
     for prompt in prompts:
         plain.append(generate(backend, subject, prompt, list(seeds), num_steps=config.num_steps).images)
@@ -106,16 +111,17 @@ def run_demo(
                                      num_steps=config.num_steps).images for p in prompts])
 
     embedder = perception.embedder
-    metrics = {
+    similarity = {
+        "real images (real vs real, no self-pairs)": _similarity(embedder, sources, sources, exclude_self=True),
+        "no tuning (class word only)": _similarity(embedder, no_subject, sources),
+        "HiFi, plain (Eq. 7)": _similarity(embedder, plain_all, sources),
+        "HiFi + reference guidance (Algorithm 2)": _similarity(embedder, guided_all, sources),
+    }
+    metrics: dict[str, Any] = {
         "embedder": embedder.name,
         "backend": backend.name,
         "model_id": backend.model_id,
-        "rows": {
-            "real images (real vs real, no self-pairs)": _similarity(embedder, sources, sources, exclude_self=True),
-            "no tuning (class word only)": _similarity(embedder, no_subject, sources),
-            "HiFi, plain (Eq. 7)": _similarity(embedder, plain_all, sources),
-            "HiFi + reference guidance (Algorithm 2)": _similarity(embedder, guided_all, sources),
-        },
+        "rows": similarity,
         "prompts": list(prompts),
         "seeds": list(seeds),
         "fallbacks": sum(1 for w in warnings if "plain generation" in w),
@@ -126,7 +132,7 @@ def run_demo(
         "",
         "| row | similarity |",
         "| --- | ---: |",
-    ] + [f"| {k} | {v:.3f} |" for k, v in metrics["rows"].items()]
+    ] + [f"| {k} | {v:.3f} |" for k, v in similarity.items()]
     if backend.model_id.startswith("random:"):
         lines += ["", "Random weights: these numbers show the pipeline runs, not that the method works."]
     table = "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
-from hifi.algorithms.reference import ReferenceSettings, prepare_references, reference_guided_generate
+from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
 from hifi.algorithms.tune import TuneConfig
 from hifi.errors import HifiError
 from hifi.io import (
@@ -41,7 +41,6 @@ from hifi.io import (
     list_images,
     load_image,
     make_grid,
-    mask_to_tensor,
     save_image,
     tensor_to_image,
     write_json,
@@ -50,7 +49,7 @@ from hifi.perception import default_perception
 from hifi.protocols import DenoiserBackend
 from hifi.runs import apply_run, load_run
 from hifi.subject import SUBJECT_SLOT, Subject
-from hifi.workflows import tune_to_run
+from hifi.workflows import load_references, tune_to_run
 
 __all__ = [
     "METHODS",
@@ -239,12 +238,8 @@ def _evaluate_subject(
         render = subject.render_prompt
     guide = method.reference and not dataset.is_live(subject_name)
     if guide:
-        run = load_run(folder / "run")
         perception = default_perception(backend)
-        size = backend.resolution
-        src = torch.stack([image_to_tensor(load_image(p), size) for p in run.source_images()]).to(backend.device)
-        msk = torch.stack([mask_to_tensor(load_image(p, "L"), size) for p in run.mask_images()]).to(backend.device)
-        references = prepare_references(src, msk, [p.stem for p in run.source_images()], perception.embedder)
+        references, _ = load_references(load_run(folder / "run"), backend.resolution, perception.embedder)
     prompts = dataset.prompts(subject_name)[: settings.prompts]
     seeds = [settings.seed * 10_000 + k for k in range(settings.images_per_prompt)]
     text_feats = scorers.text_features([p.replace(SUBJECT_SLOT, class_name) for p in prompts])

@@ -18,13 +18,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hifi.algorithms.generate import generate
+from hifi.algorithms.reference import References, prepare_references
 from hifi.algorithms.tune import TuneConfig, caption_for, tune
 from hifi.errors import HifiError
 from hifi.io import image_to_tensor, list_images, load_image, make_grid, mask_to_tensor, save_image, tensor_to_image
+from hifi.perception import ImageEmbedder
 from hifi.protocols import DenoiserBackend
-from hifi.runs import FolderCheckpointer, RunMeta, save_run, write_jsonl
+from hifi.runs import FolderCheckpointer, Run, RunMeta, save_run, write_jsonl
 
-__all__ = ["SubjectPhotos", "TuneOutcome", "load_subject_photos", "tune_to_run"]
+__all__ = ["SubjectPhotos", "TuneOutcome", "load_references", "load_subject_photos", "tune_to_run"]
 
 MaskSource = Literal["none", "folder", "auto"]
 
@@ -172,3 +174,21 @@ def tune_to_run(
     final = result.losses[-1]["loss"] if result.losses else None
     return TuneOutcome(run_dir=run_dir, warnings=photos.warnings, final_loss=final)
 
+
+def load_references(run: Run, size: int, embedder: ImageEmbedder) -> tuple[References, list[str]]:
+    """The run's source photos and the masks it was tuned with; a missing or empty mask is the whole photo."""
+    sources = run.source_images()
+    if not sources:
+        raise HifiError(f"{run.path} has no source photos (sources/*.png) to take a reference from; use --no-reference")
+    masks = {p.stem: p for p in run.mask_images()}
+    warnings = []
+    images, mask_list = [], []
+    for path in sources:
+        images.append(image_to_tensor(load_image(path), size))
+        mask = mask_to_tensor(load_image(masks[path.stem], "L"), size) if path.stem in masks else None
+        if mask is None or not bool(mask.any()):
+            warnings.append(f"{path.name} has no subject mask in {run.path / 'masks'}; the whole photo is its subject")
+            mask = torch.ones(size, size)
+        mask_list.append(mask)
+    refs = prepare_references(torch.stack(images), torch.stack(mask_list) > 0.5, [p.stem for p in sources], embedder)
+    return refs, warnings

@@ -130,8 +130,10 @@ def load_stable_diffusion(
         raise HifiError(f"unknown attention {attention!r}; choose from {ATTENTION}")
     model = _resolve_model(model)
     if model.startswith("random:"):
+        # "random:sd14" or "random:sd14:SEED" (the model id a run records).
+        parts = model.split(":")
         backend = build_random_architecture(
-            model.split(":", 1)[1], seed=seed, name=name, device=device, dtype=dtype
+            parts[1], seed=int(parts[2]) if len(parts) > 2 else seed, name=name, device=device, dtype=dtype
         )
     else:
         parts = _load_components(model, dtype)

@@ -375,7 +375,7 @@ def tune(
         raise HifiError("a subject mask is empty: every pixel is background")
     with torch.no_grad():
         latents = backend.encode_images(images)
-    latent_masks = resize_mask(masks.to(latents.device, torch.float32), tuple(latents.shape[-2:]))
+    latent_masks = resize_mask(masks.to(latents.device, torch.float32), (latents.shape[-2], latents.shape[-1]))
     loop = _Loop(backend, latents, latent_masks, config, checkpointer, on_step)
     resume = checkpointer.load() if checkpointer is not None else None
     if resume is not None and resume.get("config") != config.resolved():

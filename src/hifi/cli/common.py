@@ -20,11 +20,15 @@ def backend_from_args(args: argparse.Namespace, name: str | None = None, model: 
     """Build the backend the flags name (``name``/``model`` are fallbacks, e.g. from a run)."""
     options: dict[str, Any] = {}
     model = args.model or model
-    if model and not (model.startswith("random:") and (args.backend or name) == "tiny"):
+    backend = args.backend or name or "tiny"
+    if model and model.startswith("random:tiny"):
+        # The tiny backend's weights are its seed: "random:tiny:SEED" (as runs record it).
+        options["seed"] = int(model.rsplit(":", 1)[1]) if model.count(":") == 2 else 0
+    elif model:
         options["model"] = model
     if args.device:
         options["device"] = args.device
-    return load_backend(args.backend or name or "tiny", **options)
+    return load_backend(backend, **options)
 
 
 def warn(message: str) -> None:

@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -25,35 +24,16 @@ from hifi.algorithms.reference import (
     References,
     ReferenceSettings,
     first_pass,
-    prepare_references,
     reference_guided_generate,
 )
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
 from hifi.errors import HifiError
-from hifi.io import image_to_tensor, load_image, make_grid, mask_to_tensor, save_image, tensor_to_image, write_json
-from hifi.perception import ImageEmbedder, default_perception
-from hifi.runs import Run, apply_run, load_run
+from hifi.io import make_grid, save_image, tensor_to_image, write_json
+from hifi.perception import default_perception
+from hifi.runs import apply_run, load_run
+from hifi.workflows import load_references
 
 RESULT_FILE = "generate.json"
-
-
-def load_references(run: Run, size: int, embedder: ImageEmbedder) -> tuple[References, list[str]]:
-    """The run's source photos and the masks it was tuned with; a missing or empty mask is the whole photo."""
-    sources = run.source_images()
-    if not sources:
-        raise HifiError(f"{run.path} has no source photos (sources/*.png) to take a reference from; use --no-reference")
-    masks = {p.stem: p for p in run.mask_images()}
-    warnings = []
-    images, mask_list = [], []
-    for path in sources:
-        images.append(image_to_tensor(load_image(path), size))
-        mask = mask_to_tensor(load_image(masks[path.stem], "L"), size) if path.stem in masks else None
-        if mask is None or not bool(mask.any()):
-            warnings.append(f"{path.name} has no subject mask in {run.path / 'masks'}; the whole photo is its subject")
-            mask = torch.ones(size, size)
-        mask_list.append(mask)
-    refs = prepare_references(torch.stack(images), torch.stack(mask_list) > 0.5, [p.stem for p in sources], embedder)
-    return refs, warnings
 
 
 def _slug(prompt: str) -> str:
