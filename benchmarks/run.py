@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from hifi import load_backend
+from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
+from hifi.algorithms.reference import reference_guided_sample
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
 from hifi.io import write_json
 from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
@@ -143,6 +145,24 @@ class Stages:
         with torch.no_grad():
             ddim_invert(self.b.denoise, self.b.schedule, self.x0[:1], self.c, num_steps=self.n)
 
+    def guided(self, naive: bool = False) -> None:
+        """Algorithm 2's loop (t_s..t_e with J phi_h steps), the stage reference guidance adds."""
+        s = self.b.schedule
+        with torch.no_grad():
+            trajectory = ddim_invert(self.b.denoise, s, self.x0[:1], self.c, num_steps=self.n)
+        mask = torch.zeros(1, 1, *self.x0.shape[-2:], dtype=torch.bool, device=self.x0.device)
+        mask[..., 1:-1, 1:-1] = True
+        t_start, t_end = max(1, int(self.n * 0.8)), max(1, int(self.n * 0.2))
+        reference_guided_sample(
+            self.b.denoise, s, torch.randn_like(self.x0[:1]), self.c, trajectory, mask, uncond=self.phi,
+            guidance=7.5, num_steps=self.n, t_start=t_start, t_end=t_end, phi_steps=10, phi_lr=1e-2, naive=naive,
+        )
+
+    def null_text(self, naive: bool = False) -> None:
+        """Null-text inversion (Eq. 4), K = 10, no early stop."""
+        config = NullTextConfig(num_steps=self.n, inner_steps=10, tolerance=0.0, naive=naive)
+        null_text_inversion(self.b.denoise, self.b.schedule, self.x0[:1], self.c, self.phi, config)
+
 
 def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int) -> dict[str, Any]:
     s = Stages(backend, batch, num_steps)
@@ -165,6 +185,15 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
             "text encoder in the loop, one image per forward")
     measure(f"{num_steps}-step generation (CFG)", s.generation, s.generation_naive, "CFG branches as two calls")
     measure(f"DDIM inversion, {num_steps} steps", s.inversion, None, "")
+    guided_repeats = max(1, repeats // 2)
+    fast_s, naive_s = (timed(backend, lambda n=n: s.guided(naive=n), guided_repeats) for n in (False, True))
+    rows.append({"stage": f"reference-guided loop (Algorithm 2), J=10, T={num_steps}", "seconds": fast_s,
+                 "naive": "conditional branch recomputed with gradients", "naive_seconds": naive_s,
+                 "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
+    fast_s, naive_s = (timed(backend, lambda n=n: s.null_text(naive=n), guided_repeats) for n in (False, True))
+    rows.append({"stage": f"null-text inversion (Eq. 4), K=10, T={num_steps}", "seconds": fast_s,
+                 "naive": "conditional branch recomputed with gradients", "naive_seconds": naive_s,
+                 "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
     return {
         "label": label, "backend": backend.name, "model_id": backend.model_id, "device": str(backend.device),
         "dtype": str(backend.dtype), "resolution": backend.resolution, "batch": batch, "num_steps": num_steps,
