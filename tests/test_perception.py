@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hifi import HifiError
 from hifi.algorithms.reference import first_pass, subject_token_positions
-from hifi.attention import AttentionStore
+from hifi.attention import AttentionStore, observed_attention
 from hifi.perception import (
     AttentionSegmenter,
     Captioner,
@@ -22,7 +22,6 @@ from hifi.perception import (
     default_perception,
     fill_holes,
     largest_component,
-    observed_attention,
     otsu_threshold,
     subject_attention,
 )

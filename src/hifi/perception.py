@@ -21,16 +21,15 @@ computation, so that I_g1 drawn while recording is exactly the plain Eq. 7 image
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hifi.attention import AttentionController, AttentionStore
+from hifi.attention import AttentionStore
 from hifi.errors import HifiError
 from hifi.protocols import DenoiserBackend
 
@@ -116,75 +115,6 @@ def default_perception(backend: DenoiserBackend) -> Perception:
 
 
 # Recording attention ---------------------------------------------------------------------
-
-
-class _ObservingProcessor:
-    """Runs a layer's own attention processor unchanged and shows a controller its cross-attention.
-
-    hifi's ``ControlledAttnProcessor`` recomputes attention with explicit probabilities,
-    which moves the image by ~1e-6 (and gives up fused attention); an observer must not, so
-    the probabilities are computed on the side, from the same query and key projections.
-    The controller's return value is ignored.
-    """
-
-    def __init__(self, layer: str, inner: Any, controller: AttentionController) -> None:
-        self.layer = layer
-        self.inner = inner
-        self.controller = controller
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Tensor:
-        if encoder_hidden_states is not None:
-            with torch.no_grad():
-                probs = self._probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-                self.controller(self.layer, probs, attn.heads)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-
-    @staticmethod
-    def _probs(
-        attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor, attention_mask: Tensor | None,
-        temb: Tensor | None,
-    ) -> Tensor:
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        batch, length, _ = encoder_hidden_states.shape
-        mask = attn.prepare_attention_mask(attention_mask, length, batch)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        return attn.get_attention_scores(query, key, mask)
-
-
-@contextlib.contextmanager
-def observed_attention(backend: DenoiserBackend, controller: AttentionController) -> Iterator[None]:
-    """Show ``controller`` every cross-attention probability tensor, changing nothing.
-
-    Unlike :func:`hifi.attention.controlled_attention` the layers keep their own processors
-    (fused attention included), so the denoiser's outputs are bit-for-bit those without the
-    block. The previous processors come back when the block ends, whatever happens inside.
-    """
-    previous = backend.attn_processors
-    backend.set_attn_processor(
-        {name: _ObservingProcessor(name, proc, controller) for name, proc in previous.items()}
-    )
-    try:
-        yield
-    finally:
-        backend.set_attn_processor(previous)
 
 
 def subject_attention(store: AttentionStore, positions: Sequence[int], batch: int) -> Tensor:

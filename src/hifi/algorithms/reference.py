@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from hifi.algorithms.generate import generate, initial_noise, step_conditions
 from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, guided_output, per_step
-from hifi.attention import AttentionStore
+from hifi.attention import AttentionStore, observed_attention
 from hifi.errors import HifiError
 from hifi.kernels.ddim import Schedule, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.latents import binarize_mask, substitute_masked
 from hifi.kernels.losses import masked_mse, resize_mask
 from hifi.kernels.transform import SimilarityFit, fit_similarity_transform, warp_image, warp_mask
-from hifi.perception import ImageEmbedder, Perception, observed_attention, subject_attention
+from hifi.perception import ImageEmbedder, Perception, subject_attention
 from hifi.protocols import DenoiserBackend
 from hifi.subject import Subject
 
@@ -174,7 +174,7 @@ def first_pass(
     """Step 1 of Section 3.3: x_T from ``seed`` and I_g1 by Eq. 7 (exactly ``generate(..., [seed])``).
 
     With ``record_attention`` the subject tokens' cross-attention of the late steps is
-    recorded through :func:`~hifi.perception.observed_attention`, which changes no number.
+    recorded through :func:`~hifi.attention.observed_attention`, which changes no number.
     """
     store = AttentionStore(max_queries=ATTENTION_MAX_QUERIES)
     first_recorded = int(num_steps * ATTENTION_FROM)
