@@ -84,8 +84,9 @@ def test_each_stepwise_embedding_starts_from_its_neighbour(tiny, photos):
     assert (chain[-1] - result.c_s).abs().max().item() > lr * 1.5
 
 
-@pytest.mark.parametrize("mode", ["hifi", "classic-ti"])
-def test_resume_equals_an_uninterrupted_run(tiny, photos, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "kill_at"), [("hifi", 7), ("hifi", 13), ("classic-ti", 9)])
+def test_resume_equals_an_uninterrupted_run(tiny, photos, tmp_path, mode, kill_at):
+    """Killed in the global stage (after the step-4 checkpoint) or in the step-wise stage."""
     images, masks = photos
     cfg = TuneConfig(mode=mode, steps=10, stepwise_steps=2, num_steps=3, checkpoint_every=4)
     whole = tune(tiny, images, "dog", masks=masks, config=cfg)
@@ -97,7 +98,7 @@ def test_resume_equals_an_uninterrupted_run(tiny, photos, tmp_path, mode):
 
     def kill(stage, step, loss):
         seen.append(stage)
-        if len(seen) == (13 if mode == "hifi" else 9):  # inside the step-wise stage / late in TI
+        if len(seen) == kill_at:
             raise Killed
 
     checkpointer = FolderCheckpointer(tmp_path / "checkpoint")
