@@ -49,7 +49,9 @@ def _peak_mb(backend: DenoiserBackend) -> float:
 
 
 def timed(backend: DenoiserBackend, fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs (GPU peak memory reset first)."""
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         fn()
     _sync(backend)
@@ -164,8 +166,10 @@ class Stages:
         null_text_inversion(self.b.denoise, self.b.schedule, self.x0[:1], self.c, self.phi, config)
 
 
-def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int) -> dict[str, Any]:
+def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int,
+        loop_steps: int) -> dict[str, Any]:
     s = Stages(backend, batch, num_steps)
+    loops = Stages(backend, batch, loop_steps) if loop_steps != num_steps else s
     rows: list[dict[str, Any]] = []
 
     def measure(stage: str, fast: Callable[[], Any], naive: Callable[[], Any] | None, naive_label: str) -> None:
@@ -186,12 +190,12 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
     measure(f"{num_steps}-step generation (CFG)", s.generation, s.generation_naive, "CFG branches as two calls")
     measure(f"DDIM inversion, {num_steps} steps", s.inversion, None, "")
     guided_repeats = max(1, repeats // 2)
-    fast_s, naive_s = (timed(backend, lambda n=n: s.guided(naive=n), guided_repeats) for n in (False, True))
-    rows.append({"stage": f"reference-guided loop (Algorithm 2), J=10, T={num_steps}", "seconds": fast_s,
+    fast_s, naive_s = (timed(backend, lambda n=n: loops.guided(naive=n), guided_repeats) for n in (False, True))
+    rows.append({"stage": f"reference-guided loop (Algorithm 2), J=10, T={loop_steps}", "seconds": fast_s,
                  "naive": "conditional branch recomputed with gradients", "naive_seconds": naive_s,
                  "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
-    fast_s, naive_s = (timed(backend, lambda n=n: s.null_text(naive=n), guided_repeats) for n in (False, True))
-    rows.append({"stage": f"null-text inversion (Eq. 4), K=10, T={num_steps}", "seconds": fast_s,
+    fast_s, naive_s = (timed(backend, lambda n=n: loops.null_text(naive=n), guided_repeats) for n in (False, True))
+    rows.append({"stage": f"null-text inversion (Eq. 4), K=10, T={loop_steps}", "seconds": fast_s,
                  "naive": "conditional branch recomputed with gradients", "naive_seconds": naive_s,
                  "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
     return {
@@ -233,17 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--name", default=None, help="results file stem")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="with --arch")
+    p.add_argument("--loop-steps", type=int, default=None, help="T for the guided and null-text loops (default --steps)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.arch:
         from hifi_backends.stable_diffusion import build_random_architecture
 
-        backend: DenoiserBackend = build_random_architecture(args.arch, sample_size=args.sample_size)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        backend: DenoiserBackend = build_random_architecture(args.arch, sample_size=args.sample_size, dtype=dtype)
         label = f"{args.arch} architecture (random weights), {backend.resolution}px"
     else:
         backend = load_backend(args.backend)
         label = f"{args.backend} backend"
-    result = run(backend, label, args.batch, args.steps, args.repeats)
+    result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps)
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)
