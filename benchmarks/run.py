@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--name", default=None, help="results file stem")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="with --arch")
-    p.add_argument("--loop-steps", type=int, default=None, help="T for the guided and null-text loops (default --steps)")
+    p.add_argument("--loop-steps", type=int, default=None, help="T of the guided and null-text loops")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.arch:

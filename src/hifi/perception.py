@@ -44,7 +44,6 @@ __all__ = [
     "default_perception",
     "fill_holes",
     "largest_component",
-    "observed_attention",
     "otsu_threshold",
     "subject_attention",
 ]

@@ -44,11 +44,15 @@ class SubjectPhotos:
     warnings: tuple[str, ...] = ()
 
 
-def load_subject_photos(subject_dir: str | Path, size: int, masks: str | Path | None = None) -> SubjectPhotos:
+def load_subject_photos(
+    subject_dir: str | Path, size: int, masks: str | Path | None = None, class_name: str | None = None
+) -> SubjectPhotos:
     """Read 3-6 photos of any size, mode and orientation, and their masks.
 
     ``masks`` is a folder holding a mask per photo under the same file stem (any image
-    format; non-black pixels are the subject), ``"none"``/None for all-ones masks. Clear
+    format; non-black pixels are the subject), ``"auto"`` for a segmenter's masks of
+    ``class_name`` (Grounded SAM, see :func:`hifi.perception_registry.auto_masks`), or
+    ``"none"``/None for all-ones masks. Clear
     errors for a missing or empty folder, unreadable files, unmatched masks, empty masks.
     """
     files = list_images(subject_dir)
@@ -61,10 +65,14 @@ def load_subject_photos(subject_dir: str | Path, size: int, masks: str | Path | 
     if masks is None or str(masks) == "none":
         return SubjectPhotos(names, images, torch.ones(len(files), size, size), "none", tuple(warnings))
     if str(masks) == "auto":
-        raise HifiError(
-            "--masks auto needs a segmentation model, and none is configured: pass --masks DIR"
-            " (one mask per photo, same file names) or --masks none"
-        )
+        from hifi.perception_registry import auto_masks
+
+        found = auto_masks(images, class_name or "")
+        empty = [n for n, m in zip(names, found, strict=True) if not m.any()]
+        if empty:
+            warnings.append(f"no {class_name} found in {', '.join(empty)}: the whole photo is its mask")
+        found[found.flatten(1).sum(1) == 0] = 1.0
+        return SubjectPhotos(names, images, found, "auto", tuple(warnings))
     mask_files = {f.stem: f for f in list_images(masks)}
     missing = [n for n in names if n not in mask_files]
     extra = sorted(set(mask_files) - set(names))
@@ -133,7 +141,7 @@ def tune_to_run(
     if resume and (run_dir / "run.json").exists() and not checkpointer.index.exists():
         raise HifiError(f"{run_dir} holds a finished run: nothing to resume")
     _check_writable(run_dir)
-    photos = load_subject_photos(subject_dir, backend.resolution, masks)
+    photos = load_subject_photos(subject_dir, backend.resolution, masks, class_name=class_name)
     total = config.total_steps + (config.stepwise_steps * config.num_steps if config.mode == "hifi" else 0)
     bar = tqdm(total=total, desc=f"tune {config.mode}", disable=not progress, unit="step", dynamic_ncols=True)
 

@@ -131,9 +131,9 @@ def load_stable_diffusion(
     model = _resolve_model(model)
     if model.startswith("random:"):
         # "random:sd14" or "random:sd14:SEED" (the model id a run records).
-        parts = model.split(":")
+        spec = model.split(":")
         backend = build_random_architecture(
-            parts[1], seed=int(parts[2]) if len(parts) > 2 else seed, name=name, device=device, dtype=dtype
+            spec[1], seed=int(spec[2]) if len(spec) > 2 else seed, name=name, device=device, dtype=dtype
         )
     else:
         parts = _load_components(model, dtype)

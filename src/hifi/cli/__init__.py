@@ -17,7 +17,7 @@ from hifi import __version__
 from hifi.errors import HifiError
 
 # Sub-command modules, in the order `hifi --help` lists them.
-COMMAND_MODULES = ("demo", "tune", "generate", "edit", "replace", "eval", "backends")
+COMMAND_MODULES = ("demo", "tune", "generate", "edit", "replace", "eval", "backends", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

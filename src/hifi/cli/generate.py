@@ -29,7 +29,7 @@ from hifi.algorithms.reference import (
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
 from hifi.errors import HifiError
 from hifi.io import make_grid, save_image, tensor_to_image, write_json
-from hifi.perception import default_perception
+from hifi.perception_registry import configured_perception
 from hifi.runs import apply_run, load_run
 from hifi.workflows import load_references
 
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = [args.seed + k for k in range(args.num_images)]
     perception = refs = None
     if not args.no_reference:
-        perception = default_perception(backend)
+        perception = configured_perception(backend, segmenter=args.segmenter, embedder=args.embedder,
+                                           captioner=args.captioner, device=args.device)
         refs, warnings = load_references(tuned, backend.resolution, perception.embedder)
         for w in warnings:
             warn(w)
@@ -249,5 +250,8 @@ def register(sub: Any) -> None:
     p.add_argument("--phi-lr", type=float, default=1e-2, help="Adam learning rate for phi_h (default 1e-2)")
     p.add_argument("--save-intermediates", action="store_true",
                    help="also write every stage (I_g1, masks, reference, transform, phi_h losses)")
+    p.add_argument("--segmenter", default=None, help="attention, grounded-sam, sam (default: as configured)")
+    p.add_argument("--embedder", default=None, help="dino, clip, vae-latent (default: configured, else vae-latent)")
+    p.add_argument("--captioner", default=None, help="blip2, blip, template (default: configured, else template)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-image lines")
     p.set_defaults(func=run)
