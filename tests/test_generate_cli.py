@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from hifi import load_backend
 from hifi.cli import main
-from hifi.perception import Perception, TemplateCaptioner, VaeLatentEmbedder
+from hifi.perception_registry import register_segmenter
 from hifi.runs import RunMeta, save_run
 from hifi.subject import Subject
 
@@ -133,13 +133,10 @@ class NothingSegmenter:
         return torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
 
 
-def test_an_image_without_a_subject_falls_back_and_says_so(run_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(
-        "hifi.cli.generate.default_perception",
-        lambda backend: Perception(NothingSegmenter(), VaeLatentEmbedder(backend), TemplateCaptioner()),
-    )
+def test_an_image_without_a_subject_falls_back_and_says_so(run_dir, tmp_path, capsys):
+    register_segmenter("nothing", lambda **_: NothingSegmenter())  # through the registry, as a plug-in would
     assert main(["generate", "--run", str(run_dir), "--prompt", PROMPT, "--num-images", "1", "--out",
-                 str(tmp_path), "--save-intermediates", *FAST]) == 0
+                 str(tmp_path), "--save-intermediates", "--segmenter", "nothing", *FAST]) == 0
     captured = capsys.readouterr()
     assert "hifi: warning: seed 0: the nothing segmenter found no dog in I_g1" in captured.err
     assert "1 fell back to plain generation" in captured.out
