@@ -247,7 +247,7 @@ def test_bad_inputs_give_clear_messages(tmp_path, capsys):
     photos, masks = draw_subject_photos(tmp_path / "d")
     Image.new("L", (80, 60), 0).save(masks / "photo0.png")
     assert "photo0.png is empty" in err(photos_dir=photos, masks=masks)
-    assert "--masks auto needs a segmentation model" in err(photos_dir=photos, masks="auto")
+    assert "--masks auto needs Grounded SAM: set HIFI_GROUNDING_DINO_MODEL" in err(photos_dir=photos, masks="auto")
     assert "--steps must be >= 0" in err("--steps", "-1")
     for line in capsys.readouterr().err.splitlines():
         assert "Traceback" not in line
