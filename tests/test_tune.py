@@ -267,3 +267,13 @@ def test_non_writable_output_is_a_clear_error(tmp_path, capsys):
     argv = ["tune", "--subject", str(photos), "--class-name", "dog", "--out", str(blocker / "run"), "--quiet"]
     assert main(argv) == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+def test_masks_auto_runs_grounded_sam(tmp_path, monkeypatch):
+    """--masks auto with Grounded SAM configured (tiny random models: the masks are arbitrary)."""
+    monkeypatch.setenv("HIFI_GROUNDING_DINO_MODEL", "random:tiny")
+    monkeypatch.setenv("HIFI_SAM_MODEL", "random:tiny")
+    photos, _ = draw_subject_photos(tmp_path)
+    assert _tune_cli(tmp_path, photos_dir=photos, masks="auto") == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["masks"] == "auto"
+    assert len(list((tmp_path / "run" / "masks").glob("*.png"))) == 3
