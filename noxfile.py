@@ -33,4 +33,9 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Speed and memory benchmarks; results land in benchmarks/results/."""
     session.install("-e", ".")
-    session.run("python", "-m", "benchmarks.run", *session.posargs)
+    if session.posargs:
+        session.run("python", "-m", "benchmarks.run", *session.posargs)
+        return
+    session.run("python", "-m", "benchmarks.run", "--backend", "tiny", "--name", "tiny-cpu")
+    session.run("python", "-m", "benchmarks.run", "--arch", "sd14", "--sample-size", "8", "--batch", "3",
+                "--steps", "10", "--repeats", "3", "--name", "sd14-64px-cpu")

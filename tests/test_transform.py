@@ -24,7 +24,7 @@ GEN_SIZE = (96, 112)
 SHAPE_RADIUS = 16.0  # rough extent of a reference shape, pixels
 
 PROPERTY_SETTINGS = settings(
-    max_examples=15,
+    max_examples=20,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
@@ -148,7 +148,10 @@ def _angle_error_deg(a: float, b: float) -> float:
 # Measured over ~350 random cases with generated shapes of >= 60 px, the worst were 6.7 %,
 # 1.8 degrees and 1.05 px (blobs, polygons) and 1.4 %, 0.4 degrees, 0.65 px (thin bars).
 # The scale error is mostly the half-pixel bias of pixel-centre point sets (module
-# docstring), largest at scale 0.5 where the generated shape is ~10 px across.
+# docstring), largest at scale 0.5 where the generated shape is ~10 px across. The angle
+# of so small a shape is known only to about half a pixel of arc (4 degrees were seen for
+# 8 x 10 px polygons), so the angle tolerance grows to the angle that moves a point at the
+# generated shape's RMS radius by 0.5 px when that is larger.
 TOLERANCES = {"blob": (0.08, 2.5, 1.5), "polygon": (0.08, 2.5, 1.5), "thin_bar": (0.03, 1.5, 1.5)}
 
 
@@ -174,6 +177,9 @@ def _check_recovery(kind: str, seed: int, scale: float, angle_deg: float, ox: fl
 
     scale_tol, angle_tol, pixel_tol = TOLERANCES[kind]
     assert abs(fit.scale / scale - 1) <= scale_tol, (fit, scale)
+    pts_g = _points(mask_g)
+    rms_radius = float((pts_g - pts_g.mean(0)).square().sum(-1).mean().sqrt())
+    angle_tol = max(angle_tol, math.degrees(0.5 / rms_radius))
     assert _angle_error_deg(fit.angle, angle) <= angle_tol, (fit, angle_deg)
     displacement = (_apply(fit.matrix, pts_r) - _apply(true, pts_r)).norm(dim=-1).max()
     assert displacement <= pixel_tol, (fit, float(displacement))
@@ -194,21 +200,21 @@ _recovery_args = dict(
 @PROPERTY_SETTINGS
 @given(**_recovery_args)
 def test_recovers_similarity_of_blobs(seed: int, scale: float, angle_deg: float, ox: float, oy: float) -> None:
-    """Blobs: scale within 8 %, angle within 2.5 degrees, every pixel within 1.5 px."""
+    """Blobs: scale within 8 %, angle within 2.5 degrees (see TOLERANCES), every pixel within 1.5 px."""
     _check_recovery("blob", seed, scale, angle_deg, ox, oy)
 
 
 @PROPERTY_SETTINGS
 @given(**_recovery_args)
 def test_recovers_similarity_of_polygons(seed: int, scale: float, angle_deg: float, ox: float, oy: float) -> None:
-    """Non-convex polygons: scale within 8 %, angle within 2.5 degrees, every pixel within 1.5 px."""
+    """Non-convex polygons: scale within 8 %, angle within 2.5 degrees (see TOLERANCES), pixels within 1.5 px."""
     _check_recovery("polygon", seed, scale, angle_deg, ox, oy)
 
 
 @PROPERTY_SETTINGS
 @given(**_recovery_args)
 def test_recovers_similarity_of_thin_bars(seed: int, scale: float, angle_deg: float, ox: float, oy: float) -> None:
-    """3-4 px wide L-bars: scale within 3 %, angle within 1.5 degrees, every pixel within 1.5 px."""
+    """3-4 px wide L-bars: scale within 3 %, angle within 1.5 degrees (see TOLERANCES), pixels within 1.5 px."""
     _check_recovery("thin_bar", seed, scale, angle_deg, ox, oy)
 
 
@@ -220,6 +226,19 @@ def test_identity_fit_is_exact() -> None:
     assert (fit.tx, fit.ty) == pytest.approx((0.0, 0.0), abs=1e-4)
     assert fit.residual == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(fit.matrix, torch.eye(3))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_fit_works_where_grad_is_off(context: type) -> None:
+    """Callers sample under no_grad or inference_mode; the fit still needs its own autograd."""
+    mask_r = _thin_bar(np.random.default_rng(0), np.array([40.0, 32.0]))
+    true, _ = _true_matrix(_points(mask_r).mean(0), 1.2, 0.3, (56.0, 48.0))
+    mask_g = warp_mask(mask_r, true, GEN_SIZE)
+    with context():
+        fit = fit_similarity_transform(mask_r, mask_g)
+    assert fit == fit_similarity_transform(mask_r, mask_g)
+    assert fit.scale == pytest.approx(1.2, rel=0.03)
+    assert not fit.matrix.requires_grad
 
 
 def _shrunk_start(
@@ -423,3 +442,14 @@ def test_empty_masks_are_rejected() -> None:
         fit_similarity_transform(full, empty)
     with pytest.raises(ValueError, match="at least one point"):
         chamfer_distance(torch.zeros(0, 2), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"init": (0.0, 0.0, 0.0, 0.0)}, {"init": (1.0, math.nan, 0.0, 0.0)}, {"lr": math.inf}, {"lr": -0.1}],
+)
+def test_bad_fit_arguments_are_rejected(kwargs: dict[str, object]) -> None:
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[10:20, 8:24] = True
+    with pytest.raises(ValueError):
+        fit_similarity_transform(mask, mask, **kwargs)  # type: ignore[arg-type]

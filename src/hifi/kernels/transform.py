@@ -9,7 +9,8 @@ a rotation and a translation, as one 3x3 homogeneous matrix (:func:`similarity_m
 
 Eq. (9):  ``theta* = argmin_theta D_c(P(T_theta(M_r)), P(M_g))``, where ``P(M)`` is the set
 of coordinates of the pixels of ``M`` equal to 1 and ``D_c`` is the Chamfer distance
-(:func:`fit_similarity_transform`, which follows Algorithm 4 with the change below).
+(:func:`fit_similarity_transform`, which follows Algorithm 4 with the changes below and
+in its docstring).
 
 Coordinates: the pixel at row ``i`` and column ``j`` of an image has coordinates
 ``(x, y) = (j, i)`` and is used as the homogeneous vector ``(x, y, 1)``; pixel centres sit
@@ -209,8 +210,16 @@ def _points(foreground: Tensor) -> Tensor:
     return torch.stack([cols, rows], dim=-1).float()
 
 
+def _row_distance_squared(foreground: Tensor) -> Tensor:
+    """Squared distance from each pixel to the nearest foreground pixel of its row (inf if none)."""
+    index = torch.arange(foreground.shape[-1], device=foreground.device, dtype=torch.float32).expand(foreground.shape)
+    before = torch.where(foreground, index, -math.inf).cummax(dim=-1).values
+    after = torch.where(foreground, index, math.inf).flip(-1).cummin(dim=-1).values.flip(-1)
+    return torch.minimum(index - before, after - index).square()
+
+
 def _min_plus_along_last(f: Tensor) -> Tensor:
-    """``out[..., x] = min_x' (x - x')^2 + f[..., x']``, one pass of the separable EDT."""
+    """``out[..., y] = min_y' (y - y')^2 + f[..., y']``: the second pass of the separable EDT."""
     n = f.shape[-1]
     index = torch.arange(n, device=f.device, dtype=f.dtype)
     penalty = (index[:, None] - index[None, :]).square()
@@ -224,11 +233,10 @@ def _min_plus_along_last(f: Tensor) -> Tensor:
 def _distance_field(foreground: Tensor) -> Tensor:
     """Euclidean distance from every pixel centre to the nearest foreground pixel centre.
 
-    Exact: the squared distance separates into a pass along rows and one along columns.
+    Exact: the squared distance separates into the distance along the row, then a min over
+    rows of (row offset)^2 + that (Felzenszwalb and Huttenlocher's decomposition).
     """
-    f = torch.zeros(foreground.shape, device=foreground.device)
-    f = f.masked_fill(~foreground, math.inf)
-    return _min_plus_along_last(_min_plus_along_last(f).T).T.sqrt()
+    return _min_plus_along_last(_row_distance_squared(foreground).T.contiguous()).T.sqrt()
 
 
 def _distance_to_set(field: Tensor, xy: Tensor) -> Tensor:
@@ -313,8 +321,30 @@ def fit_similarity_transform(
     the lowest final objective is kept.
 
     Raises:
-        ValueError: if either mask is not 2-D or has no foreground pixel.
+        ValueError: if either mask is not 2-D or has no foreground pixel, ``lr`` is not a
+            positive number, or ``init`` is not finite with a positive scale. (Non-finite
+            parameters must not reach ``grid_sample``: its CPU backward crashes on NaN.)
     """
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if init is not None and not (all(math.isfinite(v) for v in init) and init[0] > 0):
+        raise ValueError(f"init must be finite with a positive scale, got {init}")
+    # A fitting routine: it needs autograd for its own parameters even when the caller runs
+    # under no_grad or inference_mode. Nothing of the caller's requires grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(mask_r, mask_g, iterations, lr, max_points, seed, symmetric, init)
+
+
+def _fit(
+    mask_r: Tensor,
+    mask_g: Tensor,
+    iterations: int,
+    lr: float,
+    max_points: int,
+    seed: int,
+    symmetric: bool,
+    init: tuple[float, float, float, float] | None,
+) -> SimilarityFit:
     fg_r = _foreground_2d(mask_r, "mask_r")
     fg_g = _foreground_2d(mask_g, "mask_g")
     p_all, q_all = _points(fg_r), _points(fg_g)
@@ -335,10 +365,8 @@ def fit_similarity_transform(
         starts = [(math.log(scale0), axis_g - axis_r + k * math.pi / 2, 0.0, 0.0) for k in range(4)]
     else:
         scale0, angle0, tx0, ty0 = init
-        if scale0 <= 0:
-            raise ValueError(f"init scale must be positive, got {scale0}")
         # Eq. (8) gives scale * R @ (p + t) = scale * R @ (p - c_r) + scale * R @ (c_r + t).
-        moved = scale0 * _rotated(c_r - c_r.new_tensor([tx0, ty0]), angle0)
+        moved = scale0 * _rotated(c_r + c_r.new_tensor([tx0, ty0]), angle0)
         shift0 = (moved - c_g) / unit
         starts = [(math.log(scale0), angle0, float(shift0[0]), float(shift0[1]))]
     params = torch.tensor(starts, dtype=q.dtype, device=q.device)
@@ -359,21 +387,21 @@ def fit_similarity_transform(
         out = to_g.square().mean(dim=-1)
         return out + to_r.square().mean(dim=-1) if symmetric else out
 
-    with torch.enable_grad():
-        params.requires_grad_(True)
-        optimiser = torch.optim.Adam([params], lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(iterations, 1))
-        for _ in range(iterations):
-            optimiser.zero_grad()
-            # Starts are independent: summing their losses keeps each one's gradient its own,
-            # and Adam's update is elementwise, so this is K separate fits run as one batch.
-            objective(params).sum().backward()
-            optimiser.step()
-            schedule.step()
+    params.requires_grad_(True)
+    optimiser = torch.optim.Adam([params], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(iterations, 1))
+    for _ in range(iterations):
+        optimiser.zero_grad()
+        # Starts are independent: summing their losses keeps each one's gradient its own,
+        # and Adam's update is elementwise, so this is K separate fits run as one batch.
+        objective(params).sum().backward()
+        optimiser.step()
+        schedule.step()
     params = params.detach()
 
-    best = int(objective(params).argmin())
-    to_g, to_r = distances(params[best : best + 1])
+    with torch.no_grad():
+        best = int(objective(params).argmin())
+        to_g, to_r = distances(params[best : best + 1])
     residual = 0.5 * float(to_g.mean() + to_r.mean())
     log_scale, angle, dx, dy = (float(v) for v in params[best])
     scale = math.exp(log_scale)
