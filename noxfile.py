@@ -38,4 +38,4 @@ def bench(session: nox.Session) -> None:
         return
     session.run("python", "-m", "benchmarks.run", "--backend", "tiny", "--name", "tiny-cpu")
     session.run("python", "-m", "benchmarks.run", "--arch", "sd14", "--sample-size", "8", "--batch", "3",
-                "--steps", "10", "--repeats", "3", "--name", "sd14-64px-cpu")
+                "--steps", "10", "--loop-steps", "3", "--repeats", "2", "--name", "sd14-64px-cpu")
