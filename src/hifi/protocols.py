@@ -62,6 +62,13 @@ class DenoiserBackend(Protocol):
         """
         ...
 
+    def token_ids(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids ``[B, L]`` as :meth:`encode_text` sees them (padded to ``max_length``).
+
+        Prompt-to-prompt and the attention segmenter use them to find a word's positions.
+        """
+        ...
+
     def null_embedding(self) -> Tensor:
         """phi, the text-encoder output for the empty prompt, ``[1, L, D]``."""
         ...

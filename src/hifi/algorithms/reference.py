@@ -130,14 +130,11 @@ def subject_token_positions(backend: DenoiserBackend, subject: Subject, prompt: 
 
     ``hifi`` mode: the last n positions, where c_s sits (Eq. 6). Other modes: the tokens of
     the rendered subject words ("sks dog", the placeholder) in the rendered prompt, found
-    with the backend's ``token_ids`` (empty when the words were truncated away).
+    with :meth:`DenoiserBackend.token_ids` (empty when the words were truncated away).
     """
     if subject.mode == "hifi":
         return tuple(range(backend.max_length - subject.num_tokens, backend.max_length))
-    token_ids = getattr(backend, "token_ids", None)
-    if token_ids is None:
-        raise HifiError(f"backend {backend.name!r} cannot tokenize, so the subject words cannot be located")
-    ids = token_ids([subject.render_prompt(prompt), subject.subject_words(), ""]).tolist()
+    ids = backend.token_ids([subject.render_prompt(prompt), subject.subject_words(), ""]).tolist()
     eos = ids[2][1]  # "" is [BOS, EOS, padding...]
     words = ids[1][1 : ids[1].index(eos)]
     sequence = ids[0]
