@@ -43,6 +43,7 @@ from hifi.algorithms.null_text import NullTextConfig
 from hifi.algorithms.reference import ReferenceSettings, prepare_references, reference_guided_generate
 from hifi.algorithms.replace import replace_subject
 from hifi.algorithms.tune import TuneConfig, tune
+from hifi.io import atomic_path
 from hifi.perception import Perception, default_perception
 from hifi.protocols import DenoiserBackend
 from hifi.registry import load_backend
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text + "\n")
     return 0 if report["ok"] else 1
 
 

@@ -28,7 +28,7 @@ from hifi import load_backend
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
 from hifi.algorithms.reference import reference_guided_sample
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
-from hifi.io import write_json
+from hifi.io import atomic_path, write_json
 from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import masked_mse, ridge_to_null, splice_subject, subject_slots
 from hifi.protocols import DenoiserBackend
@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)
-    (RESULTS / f"{name}.md").write_text(to_markdown(result))
+    with atomic_path(RESULTS / f"{name}.md") as tmp:
+        tmp.write_text(to_markdown(result))
     print(to_markdown(result))
     print(json.dumps({"wrote": str(RESULTS / f"{name}.json")}))
     return 0

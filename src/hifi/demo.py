@@ -95,16 +95,17 @@ def run_demo(
     warnings = list(outcome_warnings) + ref_warnings
     plain, guided, generated_masks = [], [], []
     for prompt in prompts:
-        plain.append(generate(backend, subject, prompt, list(seeds), num_steps=config.num_steps).images)
-        row = []
+        row, first = [], []
         for seed in seeds:
             result = reference_guided_generate(backend, subject, prompt, seed, references, perception,
                                                settings=reference, progress=progress)
             warnings.extend(result.warnings)
+            first.append(result.first.image[0])  # step 1 of Algorithm 2 is the plain Eq. 7 image
             row.append(result.image)
             mask = result.generated_mask
             generated_masks.append(torch.zeros(size, size) if mask is None else mask.float().cpu())
         guided.append(torch.stack(row))
+        plain.append(torch.stack(first))
     plain_all, guided_all = torch.cat(plain), torch.cat(guided)
     untuned = Subject(class_name=class_name, mode="dreambooth")  # no subject: the class word alone
     no_subject = torch.cat([generate(backend, untuned, p.replace("<subject>", class_name), list(seeds),

@@ -223,8 +223,7 @@ def _evaluate_subject(
         return rows
 
     if method.mode is None:
-        subject = Subject(class_name=class_name, mode="dreambooth")
-        render: Callable[[str], str] = lambda p: p.replace(SUBJECT_SLOT, class_name)  # noqa: E731
+        subject = Subject(class_name=class_name, mode="dreambooth")  # prompts get the bare class word below
     else:
         run_dir = folder / "run"
         if not (run_dir / "run.json").exists():
@@ -235,7 +234,6 @@ def _evaluate_subject(
                         config=settings.tune_config(method), masks=masks,
                         resume=(run_dir / "checkpoint").exists(), samples=0, progress=progress)
         subject = apply_run(load_run(run_dir), backend)
-        render = subject.render_prompt
     guide = method.reference and not dataset.is_live(subject_name)
     if guide:
         perception = default_perception(backend)
@@ -254,8 +252,8 @@ def _evaluate_subject(
                     image = reference_guided_generate(backend, subject, prompt, seed, references, perception,
                                                       settings=settings.reference).image.cpu()
                 else:
-                    image = generate(backend, subject, prompt if method.mode else render(prompt), [seed],
-                                     num_steps=settings.num_steps).images[0].cpu()
+                    wording = prompt if method.mode else prompt.replace(SUBJECT_SLOT, class_name)
+                    image = generate(backend, subject, wording, [seed], num_steps=settings.num_steps).images[0].cpu()
                 save_image(tensor_to_image(image), path)
             feats = scorers.image_features(image[None])
             rows.append({**base, "prompt_index": pi, "prompt": prompt.replace(SUBJECT_SLOT, class_name),
