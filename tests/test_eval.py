@@ -100,3 +100,43 @@ def test_eval_runs_resumes_and_torchrun_merges_the_same_table(tmp_path, capsys):
         for m in ("dino", "clip_i", "clip_t"):
             assert float(a[m]) == pytest.approx(float(b[m]), abs=1e-5)
     assert json.loads((sharded / "hifi" / "summary.json").read_text())["overall"].keys() == summary["overall"].keys()
+
+
+def test_rows_that_tune_alike_share_the_run_and_lr_reaches_the_tune(tmp_path, monkeypatch):
+    """hifi-stepwise and hifi tune identically: the second copies the first's run instead of tuning."""
+    import hifi.evaluation
+    from hifi.evaluation import EvalSettings, Scorers, evaluate
+
+    tunes = []
+    real_tune = hifi.evaluation.tune_to_run
+    monkeypatch.setattr(hifi.evaluation, "tune_to_run", lambda *a, **k: tunes.append(a[3]) or real_tune(*a, **k))
+    from hifi.perception import VaeLatentEmbedder
+    from hifi.registry import load_backend
+    from hifi.toyworld.subjects import export_dataset
+
+    dataset_dir, masks_dir = export_dataset(tmp_path / "data", ["striped_mug"])
+    dataset = load_dreambooth(dataset_dir)
+    backend = load_backend("tiny")
+
+    class Clip(VaeLatentEmbedder):
+        def embed_text(self, texts):
+            import torch
+
+            return torch.ones(len(texts), self.embed(torch.zeros(1, 3, 32, 32)).shape[-1])
+
+    scorers = Scorers(VaeLatentEmbedder(backend), Clip(backend))
+    common = dict(subjects=("striped_mug",), prompts=1, images_per_prompt=1, steps=2, stepwise_steps=1,
+                  num_steps=3, masks=str(masks_dir), learning_rates=(("hifi", 1e-3),))
+    for method in ("hifi-stepwise", "hifi"):
+        evaluate(dataset, lambda: load_backend("tiny"), scorers, tmp_path / "out",
+                 EvalSettings(method=method, **common))
+    first = tmp_path / "out" / "hifi-stepwise" / "striped_mug" / "run"
+    second = tmp_path / "out" / "hifi" / "striped_mug" / "run"
+    assert tunes == [first]
+    assert (first / "subject.safetensors").read_bytes() == (second / "subject.safetensors").read_bytes()
+    assert json.loads((second / "run.json").read_text())["config"]["lr"] == 1e-3
+    # hifi-reg differs (no step-wise pass): it tunes on its own.
+    evaluate(dataset, lambda: load_backend("tiny"), scorers, tmp_path / "out",
+             EvalSettings(method="hifi-reg", **common))
+    reg = tmp_path / "out" / "hifi-reg" / "striped_mug" / "run" / "run.json"
+    assert json.loads(reg.read_text())["config"]["stepwise_steps"] == 0 and len(tunes) == 2

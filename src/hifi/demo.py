@@ -1,11 +1,12 @@
-"""``hifi demo``: the whole method on photos the project draws itself, in minutes on a CPU.
+"""``hifi demo``: the whole method on a ToyWorld subject (or your photos), in minutes on a CPU.
 
-Draws a made-up subject (:mod:`hifi.synthetic`), tunes on it (Section 3.2), generates
-each prompt plainly (Eq. 7) and with reference guidance (Algorithm 2), and writes a grid
-(sources, masks, plain and guided generations, the generated-image masks) and a table of
-subject similarity. On the ``tiny`` backend, whose weights are random, the pictures are
-noise-like and the numbers say nothing about the method: the demo shows that every stage
-runs and what it writes. With ``--backend sd14 --model PATH`` it is the real thing.
+Takes a ToyWorld subject's photos and exact masks (:mod:`hifi.toyworld`; or a folder of
+your photos), tunes on them (Section 3.2), generates each prompt plainly (Eq. 7) and with
+reference guidance (Algorithm 2), and writes a grid (sources, masks, plain and guided
+generations, the generated-image masks) and a table of subject similarity. On the ``toy``
+backend (the default: ToyWorld's model, trained from scratch and bundled) the numbers mean
+something; on ``tiny`` (random weights) they only show that every stage runs. With
+``--backend sd14 --model PATH --photos DIR`` it is the real thing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 from hifi.algorithms.generate import generate
 from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
 from hifi.algorithms.tune import TuneConfig
+from hifi.errors import HifiError
 from hifi.io import (
     atomic_path,
     make_grid,
@@ -29,11 +31,11 @@ from hifi.io import (
     tensor_to_image,
     write_json,
 )
-from hifi.perception import default_perception
+from hifi.perception_registry import configured_perception
 from hifi.protocols import DenoiserBackend
 from hifi.runs import apply_run, load_run
 from hifi.subject import Subject
-from hifi.synthetic import draw_subject_photos
+from hifi.toyworld.subjects import SUBJECTS, export_dataset
 from hifi.workflows import load_references, tune_to_run
 
 __all__ = ["DemoResult", "run_demo"]
@@ -66,18 +68,36 @@ def run_demo(
     out: str | Path,
     backend: DenoiserBackend,
     *,
-    class_name: str = "toy",
+    photos: str | Path | None = None,
+    masks: str | Path | None = None,
+    class_name: str | None = None,
+    toy_subject: str = "striped_mug",
     config: TuneConfig | None = None,
     prompts: Sequence[str] = DEMO_PROMPTS,
     seeds: Sequence[int] = (0, 1),
     reference: ReferenceSettings | None = None,
     progress: bool = False,
 ) -> DemoResult:
-    """Draw, tune, generate plain and guided, and write ``grid.png`` and ``metrics.md/json``."""
+    """Tune, generate plain and guided, and write ``grid.png`` and ``metrics.md/json``.
+
+    Without ``photos``, the ToyWorld subject ``toy_subject`` is the subject (its photos and
+    exact masks are written to ``out/subject``); with ``photos`` (a folder), ``class_name``
+    is required and ``masks`` is an optional folder of masks of the same names.
+    """
     out = Path(out)
+    masks_dir: Path | None
+    if photos is None:
+        if toy_subject not in SUBJECTS:
+            raise HifiError(f"unknown ToyWorld subject {toy_subject!r}; choose from {', '.join(SUBJECTS)}")
+        dataset, mask_root = export_dataset(out / "subject", [toy_subject])
+        photos_dir, masks_dir = dataset / toy_subject, mask_root / toy_subject
+        class_name = class_name or SUBJECTS[toy_subject].cls
+    else:
+        if not class_name:
+            raise HifiError("with your own photos, name their class (--class-name dog)")
+        photos_dir, masks_dir = Path(photos), Path(masks) if masks else None
     config = config or TuneConfig(steps=200, stepwise_steps=5, num_steps=20, checkpoint_every=50)
     reference = reference or ReferenceSettings(num_steps=config.num_steps, t_start=16, t_end=4, phi_steps=3)
-    photos_dir, masks_dir = draw_subject_photos(out / "subject", n=4)
     run_dir = out / "run"
     if (run_dir / "run.json").exists():
         outcome_warnings: tuple[str, ...] = ("reused the finished tune in " + str(run_dir),)
@@ -88,9 +108,9 @@ def run_demo(
     run = load_run(run_dir)
     subject = apply_run(run, backend)
     size = backend.resolution
-    perception = default_perception(backend)
+    perception = configured_perception(backend)
     references, ref_warnings = load_references(run, size, perception.embedder)
-    sources, masks = references.images, references.masks.float()
+    sources, source_masks = references.images, references.masks.float()
 
     warnings = list(outcome_warnings) + ref_warnings
     plain, guided, generated_masks = [], [], []
@@ -107,8 +127,9 @@ def run_demo(
         guided.append(torch.stack(row))
         plain.append(torch.stack(first))
     plain_all, guided_all = torch.cat(plain), torch.cat(guided)
-    untuned = Subject(class_name=class_name, mode="dreambooth")  # no subject: the class word alone
-    no_subject = torch.cat([generate(backend, untuned, p.replace("<subject>", class_name), list(seeds),
+    assert class_name is not None
+    untuned = Subject.plain(class_name)  # no subject: the class word alone
+    no_subject = torch.cat([generate(backend, untuned, p, list(seeds),
                                      num_steps=config.num_steps).images for p in prompts])
 
     embedder = perception.embedder
@@ -141,7 +162,7 @@ def run_demo(
     blank = tensor_to_image(torch.ones(size, size))
     rows = [
         [tensor_to_image(x) for x in sources],
-        [tensor_to_image(m) for m in masks.cpu()],
+        [tensor_to_image(m) for m in source_masks.cpu()],
         [tensor_to_image(x) for x in plain_all],
         [tensor_to_image(x) for x in guided_all],
         [tensor_to_image(m) for m in generated_masks],

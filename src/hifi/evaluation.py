@@ -23,6 +23,7 @@ import csv
 import io
 import math
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from hifi.io import (
     tensor_to_image,
     write_json,
 )
-from hifi.perception import default_perception
+from hifi.perception_registry import configured_perception
 from hifi.protocols import DenoiserBackend
 from hifi.runs import apply_run, load_run
 from hifi.subject import SUBJECT_SLOT, Subject
@@ -139,12 +140,15 @@ class EvalSettings:
     seed: int = 0
     masks: str = "none"
     reference: ReferenceSettings = ReferenceSettings()
+    learning_rates: tuple[tuple[str, float], ...] = ()
+    """Per tuning mode, a learning rate other than the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
 
     def tune_config(self, method: Method) -> TuneConfig:
         assert method.mode is not None
         return TuneConfig(
             mode=method.mode,  # type: ignore[arg-type]
-            steps=self.steps, use_mask=method.use_mask, reg_weight=method.reg_weight,
+            steps=self.steps, lr=dict(self.learning_rates).get(method.mode),
+            use_mask=method.use_mask, reg_weight=method.reg_weight,
             stepwise_steps=self.stepwise_steps if method.stepwise else 0, num_steps=self.num_steps, seed=self.seed,
         )
 
@@ -190,6 +194,22 @@ def _real_photos(dataset: Dataset, subject: str, size: int) -> tuple[list[Path],
     return files, torch.stack([image_to_tensor(load_image(f), size) for f in files])
 
 
+def _reuse_equivalent_run(out: Path, method: Method, subject: str, settings: EvalSettings, run_dir: Path) -> None:
+    """Copy a finished run of another row that tunes exactly alike (``hifi-stepwise`` and ``hifi``,
+    ``dreambooth`` and ``dreambooth-ref`` differ only at generation), instead of tuning again."""
+    wanted = settings.tune_config(method)
+    for other in METHODS.values():
+        if other.name == method.name or other.mode is None or settings.tune_config(other) != wanted:
+            continue
+        source = out / other.name / subject / "run"
+        if (source / "run.json").exists():
+            tmp = run_dir.with_name(run_dir.name + ".copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint"))
+            tmp.rename(run_dir)
+            return
+
+
 def _evaluate_subject(
     backend_for: Callable[[], DenoiserBackend],
     dataset: Dataset,
@@ -223,9 +243,11 @@ def _evaluate_subject(
         return rows
 
     if method.mode is None:
-        subject = Subject(class_name=class_name, mode="dreambooth")  # prompts get the bare class word below
+        subject = Subject.plain(class_name)  # the bare class word
     else:
         run_dir = folder / "run"
+        if not (run_dir / "run.json").exists():
+            _reuse_equivalent_run(out, method, subject_name, settings, run_dir)
         if not (run_dir / "run.json").exists():
             masks = settings.masks
             if masks not in ("none", "auto"):
@@ -236,7 +258,7 @@ def _evaluate_subject(
         subject = apply_run(load_run(run_dir), backend)
     guide = method.reference and not dataset.is_live(subject_name)
     if guide:
-        perception = default_perception(backend)
+        perception = configured_perception(backend)
         references, _ = load_references(load_run(folder / "run"), backend.resolution, perception.embedder)
     prompts = dataset.prompts(subject_name)[: settings.prompts]
     seeds = [settings.seed * 10_000 + k for k in range(settings.images_per_prompt)]
@@ -252,8 +274,7 @@ def _evaluate_subject(
                     image = reference_guided_generate(backend, subject, prompt, seed, references, perception,
                                                       settings=settings.reference).image.cpu()
                 else:
-                    wording = prompt if method.mode else prompt.replace(SUBJECT_SLOT, class_name)
-                    image = generate(backend, subject, wording, [seed], num_steps=settings.num_steps).images[0].cpu()
+                    image = generate(backend, subject, prompt, [seed], num_steps=settings.num_steps).images[0].cpu()
                 save_image(tensor_to_image(image), path)
             feats = scorers.image_features(image[None])
             rows.append({**base, "prompt_index": pi, "prompt": prompt.replace(SUBJECT_SLOT, class_name),

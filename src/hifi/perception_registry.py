@@ -292,9 +292,12 @@ def configured_perception(
     Unnamed, each falls back to the paper's model when its weights are configured in the
     environment (Grounded SAM, DINO, BLIP-2 or BLIP) and otherwise to the weight-free one
     of :func:`hifi.perception.default_perception` (attention, vae-latent, template).
+    A backend's own ``perception_defaults`` (ToyWorld's models for ``toy``) come before the
+    environment's.
     """
-    segmenter = segmenter or configured_segmenter() or "attention"
-    embedder = embedder or ("dino" if os.environ.get(DINO_MODEL_ENV) else "vae-latent")
+    preferred = dict(getattr(backend, "perception_defaults", {}) or {})
+    segmenter = segmenter or preferred.get("segmenter") or configured_segmenter() or "attention"
+    embedder = embedder or preferred.get("embedder") or ("dino" if os.environ.get(DINO_MODEL_ENV) else "vae-latent")
     captioner = captioner or (
         "blip2" if os.environ.get(BLIP2_MODEL_ENV) else "blip" if os.environ.get(BLIP_MODEL_ENV) else "template"
     )

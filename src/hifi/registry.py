@@ -15,7 +15,7 @@ from typing import Any
 from hifi.errors import HifiError
 from hifi.protocols import DenoiserBackend
 
-__all__ = ["available_backends", "load_backend", "register_backend"]
+__all__ = ["available_backends", "backend_perception_defaults", "load_backend", "register_backend"]
 
 BackendFactory = Callable[..., DenoiserBackend]
 
@@ -53,3 +53,21 @@ def load_backend(name: str, **options: Any) -> DenoiserBackend:
             raise HifiError(f"unknown backend {name!r}; known backends: {known}")
         factory = ep.load()
     return factory(**options)
+
+
+def _factory(name: str) -> BackendFactory | None:
+    factory = _REGISTERED.get(name)
+    if factory is None:
+        ep = _entry_points().get(name)
+        factory = ep.load() if ep is not None else None
+    return factory
+
+
+def backend_perception_defaults(name: str) -> dict[str, str]:
+    """The perception models a backend asks for (``segmenter``, ``embedder``, ``clip``), without building it.
+
+    A factory announces them as its ``perception_defaults`` attribute (the ``toy`` backend
+    names ToyWorld's own models); most backends announce none and get the paper's.
+    """
+    factory = _factory(name)
+    return dict(getattr(factory, "perception_defaults", {}) or {})

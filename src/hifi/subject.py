@@ -29,8 +29,10 @@ from hifi.errors import HifiError
 from hifi.kernels.losses import splice_subject
 from hifi.protocols import DenoiserBackend
 
-Mode = Literal["hifi", "classic-ti", "dreambooth"]
+Mode = Literal["hifi", "classic-ti", "dreambooth", "plain"]
 MODES: tuple[Mode, ...] = ("hifi", "classic-ti", "dreambooth")
+"""The ways of learning a subject. ``plain`` (no learned subject: prompts take the bare
+class word) is a Subject's mode too, for the untuned baselines, but nothing is tuned in it."""
 SUBJECT_SLOT = "<subject>"
 PLACEHOLDER = "<hifi-subject>"
 """The classic Textual Inversion token (diffusers' ``load_textual_inversion`` name)."""
@@ -60,7 +62,7 @@ class Subject:
     token_vector: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.mode not in MODES:
+        if self.mode not in (*MODES, "plain"):
             raise HifiError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.mode == "hifi" and self.c_s is None:
             raise HifiError("a hifi subject needs c_s")
@@ -70,6 +72,11 @@ class Subject:
     @property
     def num_tokens(self) -> int:
         return 0 if self.c_s is None else int(self.c_s.shape[-2])
+
+    @classmethod
+    def plain(cls, class_name: str) -> Subject:
+        """No learned subject: ``<subject>`` becomes the bare class word (the "no tuning" row)."""
+        return cls(class_name=class_name, mode="plain")
 
     def subject_words(self) -> str:
         """How prompts name the subject in this mode."""

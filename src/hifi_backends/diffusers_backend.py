@@ -39,6 +39,7 @@ class DiffusersBackend:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         resolution: int | None = None,
+        perception_defaults: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.model_id = model_id
@@ -60,6 +61,8 @@ class DiffusersBackend:
             if next(module.parameters()).dtype != dtype:
                 module.to(dtype=dtype)
         self._phi: Tensor | None = None
+        self.perception_defaults = dict(perception_defaults or {})
+        """Perception models that suit this model (``segmenter``, ``embedder``, ``clip``), by registry name."""
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from hifi.errors import HifiError, ModelNotFoundError
@@ -92,16 +92,17 @@ def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     try:
         return {
             "unet": UNet2DConditionModel.from_pretrained(
-                model, subfolder="unet", torch_dtype=dtype, **kwargs
+                model, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs
             ),
-            "vae": AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs),
+            "vae": AutoencoderKL.from_pretrained(
+                model, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs
+            ),
             "text_encoder": CLIPTextModel.from_pretrained(
                 model, subfolder="text_encoder", dtype=dtype, **kwargs
             ),
             "tokenizer": CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
-            "scheduler_config": dict(
-                UNet2DConditionModel.load_config(model, subfolder="scheduler", **kwargs)
-            ),
+            # scheduler/scheduler_config.json, as diffusers writes it.
+            "scheduler_config": dict(DDIMScheduler.load_config(model, subfolder="scheduler", **kwargs)),
         }
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -56,6 +56,30 @@ def build_clip_tokenizer(
                 merges.append((left, right))
                 vocab[merged] = len(vocab)
             pieces = [merged] + pieces[2:]
+    # Another word's merges can break a left-to-right chain (BPE applies the best-ranked
+    # pair first: "ring" brings ("r", "i"), which splits "stripes" into "st" "ri" ...). So
+    # tokenize each word with the merges so far and chain whatever pieces it falls into,
+    # until every word is one token. New merges only join pieces of words that are not yet
+    # single tokens, so words already whole stay whole.
+    wanted = [w.lower() for w in dict.fromkeys(words)]
+    for _ in range(16):
+        tokenizer = _tokenizer(vocab, merges, model_max_length)
+        split = {w: tokenizer.tokenize(w) for w in wanted}
+        split = {w: pieces for w, pieces in split.items() if len(pieces) > 1}
+        if not split:
+            return tokenizer
+        for pieces in split.values():
+            while len(pieces) > 1:
+                merged = pieces[0] + pieces[1]
+                if (pieces[0], pieces[1]) not in merges:
+                    merges.append((pieces[0], pieces[1]))
+                vocab.setdefault(merged, len(vocab))
+                pieces = [merged] + pieces[2:]
+    raise RuntimeError(f"could not make single tokens of {sorted(split)}")
+
+
+def _tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], model_max_length: int) -> CLIPTokenizer:
+    full = dict(vocab)
     for special in (BOS, EOS):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+        full[special] = len(full)
+    return CLIPTokenizer(vocab=full, merges=list(merges), model_max_length=model_max_length)

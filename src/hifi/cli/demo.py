@@ -1,4 +1,4 @@
-"""``hifi demo``: tune on a drawn subject, generate plain and guided, write a grid and a table."""
+"""``hifi demo``: tune on a ToyWorld subject (or your photos), generate plain and guided, write a grid and a table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
     reference = ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                   phi_steps=args.phi_steps)
     backend = backend_from_args(args)
-    result = run_demo(args.out, backend, config=config, reference=reference, progress=not args.quiet)
+    result = run_demo(args.out, backend, photos=args.photos, masks=args.masks, class_name=args.class_name,
+                      toy_subject=args.subject, config=config, reference=reference, progress=not args.quiet)
     for w in result.warnings:
         warn(w)
     print(result.table)
@@ -27,9 +28,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="the whole method on drawn photos: tune, generate, grid and table")
+    p = sub.add_parser("demo", help="the whole method on a ToyWorld subject (or --photos):"
+                       " tune, generate, grid and table")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    add_backend_flags(p)
+    add_backend_flags(p, default="toy")
+    p.add_argument("--subject", default="striped_mug",
+                   help="ToyWorld subject to learn (default striped_mug; see hifi.toyworld.SUBJECTS)")
+    p.add_argument("--photos", default=None, help="your own photos instead (a folder); needs --class-name")
+    p.add_argument("--masks", default=None, help="masks for --photos (a folder, same file names)")
+    p.add_argument("--class-name", default=None, help="the class word of --photos (dog, can, ...)")
     p.add_argument("--steps", type=int, default=200, help="c_s steps (default 200)")
     p.add_argument("--stepwise-steps", type=int, default=5, help="I of Algorithm 1 (default 5)")
     p.add_argument("--ddim-steps", type=int, default=20, help="T (default 20)")

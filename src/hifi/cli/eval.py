@@ -30,9 +30,23 @@ def _distributed() -> tuple[int, int, str | None]:
     return dist.get_rank(), world, (f"cuda:{local}" if use_cuda else None)
 
 
-def run(args: argparse.Namespace) -> int:
+def metric_embedders(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The DINO-role and CLIP-role embedders: the flags', else the backend's own, else DINO and CLIP."""
     from hifi.perception_registry import load_embedder
+    from hifi.registry import backend_perception_defaults
 
+    prefs = backend_perception_defaults(args.backend or "tiny")
+    identity = args.identity_embedder or prefs.get("embedder", "dino")
+    clip = args.clip_embedder or prefs.get("clip", "clip")
+    # A backend's own perception models load from the backend's folder when --model names one.
+    own = set(prefs.values())
+    identity_model = args.dino_model or (args.model if identity in own else None)
+    clip_model = args.clip_model or (args.model if clip in own else None)
+    return (load_embedder(identity, model=identity_model, device=args.device),
+            load_embedder(clip, model=clip_model, device=args.device))
+
+
+def run(args: argparse.Namespace) -> int:
     rank, world, device = _distributed()
     if device and not args.device:
         args.device = device
@@ -42,13 +56,11 @@ def run(args: argparse.Namespace) -> int:
         subjects=tuple(s for s in (args.subjects or "").split(",") if s),
         prompts=args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
         stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps, seed=args.seed, masks=args.masks,
+        learning_rates=((METHODS[args.method].mode or "", args.lr),) if args.lr else (),
         reference=ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                     phi_steps=args.phi_steps),
     )
-    scorers = Scorers(
-        load_embedder("dino", model=args.dino_model, device=args.device),
-        load_embedder("clip", model=args.clip_model, device=args.device),
-    )
+    scorers = Scorers(*metric_embedders(args))
 
     def gather(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]] | None:
         if world == 1:
@@ -86,6 +98,7 @@ def register(sub: Any) -> None:
     p.add_argument("--prompts", type=_positive, default=None, help="first N prompts of each list (default: 25)")
     p.add_argument("--images-per-prompt", type=_positive, default=4)
     p.add_argument("--steps", type=int, default=None, help="tune steps (default: the method's)")
+    p.add_argument("--lr", type=float, default=None, help="tuning learning rate (default: the method's mode's)")
     p.add_argument("--stepwise-steps", type=int, default=10)
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +108,10 @@ def register(sub: Any) -> None:
     p.add_argument("--phi-steps", type=int, default=10)
     p.add_argument("--dino-model", default=None, help="DINO ViT-S/16 folder or hub id (HIFI_DINO_MODEL)")
     p.add_argument("--clip-model", default=None, help="CLIP folder or hub id, ViT-B/32 by default (HIFI_CLIP_MODEL)")
+    p.add_argument("--identity-embedder", default=None,
+                   help="embedder in DINO's role (default: the backend's own, e.g. toy-id for toy; else dino)")
+    p.add_argument("--clip-embedder", default=None,
+                   help="embedder in CLIP's role, with embed_text (default: the backend's own, else clip)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 

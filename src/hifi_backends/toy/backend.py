@@ -1,0 +1,44 @@
+"""The ``toy`` backend: ToyWorld's bundled diffusion model, loaded like Stable Diffusion.
+
+The bundle is a diffusers folder inside this package (see :mod:`hifi_backends.toy.train`
+for how it was made); ``--backend toy`` is the generic Stable Diffusion loader pointed at
+it, so the toy model exercises exactly the code path that real weights take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hifi.errors import ModelNotFoundError
+from hifi_backends.diffusers_backend import DiffusersBackend
+
+BUNDLE = Path(__file__).resolve().parent / "bundle"
+"""The bundled ToyWorld model folder."""
+
+
+def bundle_path(model: str | None = None) -> Path:
+    """The ToyWorld folder to load: ``model`` if given, else the bundled one."""
+    folder = Path(model).expanduser() if model else BUNDLE
+    if not (folder / "unet").is_dir():
+        raise ModelNotFoundError(
+            f"no ToyWorld model in {folder}: rebuild it with `python -m hifi_backends.toy.train"
+            f" --out {folder}` (about 90 minutes on 2 CPU cores)"
+        )
+    return folder
+
+
+def build_toy_backend(*, model: str | None = None, seed: int = 0, device: str | None = None) -> DiffusersBackend:
+    """Registry entry ``toy``: the bundled ToyWorld model (or ``model``, a folder made by the same script)."""
+    from hifi_backends.stable_diffusion import load_stable_diffusion
+
+    folder = bundle_path(model)
+    del seed  # trained weights: nothing random to seed
+    backend = load_stable_diffusion(str(folder), name="toy", device=device or "cpu")
+    backend.perception_defaults = dict(PERCEPTION)
+    return backend
+
+
+PERCEPTION = {"segmenter": "toy-seg", "embedder": "toy-id", "clip": "toyclip"}
+"""ToyWorld's perception models in the roles of Grounded SAM, DINO and CLIP."""
+
+build_toy_backend.perception_defaults = PERCEPTION  # type: ignore[attr-defined]

@@ -1,0 +1,147 @@
+"""ToyWorld's model architectures: the configs of every model the bundle holds.
+
+The diffusion model is Stable Diffusion's shape at toy size (an ``AutoencoderKL`` with a
+factor-8 latent, a ``UNet2DConditionModel`` attending to a CLIP text tower), so the same
+generic backend code loads it. ToyCLIP is a transformers ``CLIPModel`` with small configs.
+The identity embedder (DINO's role) and the segmenter (Grounded SAM's role) are small
+convolutional networks defined here, saved as safetensors plus a JSON config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from hifi.toyworld.world import SIZE, vocabulary
+from hifi_backends.tokenizer import build_clip_tokenizer
+
+__all__ = [
+    "CONTEXT",
+    "IdentityNet",
+    "MaskNet",
+    "build_clip",
+    "build_tokenizer",
+    "unet_config",
+    "vae_config",
+]
+
+CONTEXT = 32
+"""ToyCLIP's text length: the longest prompt is 16 tokens, so c_s's last 5 slots are padding."""
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer whose whole words are this world's vocabulary (bytes for the rest)."""
+    return build_clip_tokenizer(words=vocabulary(), model_max_length=CONTEXT)
+
+
+def build_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
+    """ToyCLIP: a 3-layer, 64-wide text tower and a 4-layer ViT over 8x8 patches."""
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=CONTEXT,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=SIZE,
+            patch_size=8,
+            hidden_size=96,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
+        projection_dim=64,
+    )
+    return CLIPModel(config)
+
+
+def vae_config() -> dict[str, Any]:
+    """A 4-level AutoencoderKL: 64x64x3 images <-> 8x8x4 latents (Stable Diffusion's factor 8)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+    )
+
+
+def unet_config(cross_attention_dim: int = 64) -> dict[str, Any]:
+    """A two-level conditional UNet on 8x8x4 latents, cross-attending to the text tower."""
+    return dict(
+        sample_size=SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=16,
+        norm_num_groups=32,
+    )
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class IdentityNet(nn.Module):
+    """DINO's role: an embedding in which renders of the same object are close.
+
+    Input ``[B, 3, 64, 64]`` in [0, 1]; output ``[B, dim]`` (not normalised; cosine is the metric).
+    """
+
+    def __init__(self, width: int = 16, dim: int = 128) -> None:
+        super().__init__()
+        self.config = {"width": width, "dim": dim}
+        w = width
+        self.features = nn.Sequential(
+            _conv(3, w), _conv(w, w, 2), _conv(w, 2 * w), _conv(2 * w, 2 * w, 2),
+            _conv(2 * w, 4 * w), _conv(4 * w, 4 * w, 2), _conv(4 * w, 4 * w),
+        )
+        self.head = nn.Sequential(nn.Linear(8 * w, 4 * w), nn.SiLU(), nn.Linear(4 * w, dim))
+
+    def forward(self, images: Tensor) -> Tensor:
+        f = self.features(images * 2.0 - 1.0)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled)
+
+
+class MaskNet(nn.Module):
+    """Grounded SAM's role: the object's mask logits ``[B, 64, 64]`` of ``[B, 3, 64, 64]`` images.
+
+    A small U-Net working at 32x32 and below; the logits are upsampled to the input size.
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.config = {"width": width}
+        w = width
+        self.down1 = nn.Sequential(_conv(3, w, 2), _conv(w, w))
+        self.down2 = nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
+        self.down3 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w), _conv(4 * w, 4 * w))
+        self.up2 = nn.Sequential(_conv(6 * w, 2 * w), _conv(2 * w, 2 * w))
+        self.up1 = nn.Sequential(_conv(3 * w, w), nn.Conv2d(w, 1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        up = nn.functional.interpolate
+        x1 = self.down1(images * 2.0 - 1.0)
+        x2 = self.down2(x1)
+        x3 = self.down3(x2)
+        y2 = self.up2(torch.cat([up(x3, scale_factor=2.0), x2], dim=1))
+        y1 = self.up1(torch.cat([up(y2, scale_factor=2.0), x1], dim=1))
+        return up(y1, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

@@ -1,0 +1,675 @@
+"""Train ToyWorld's models from scratch and write the bundle: ``python -m hifi_backends.toy.train``.
+
+Stages (each resumable: a finished stage's output is kept and skipped on a rerun, and the
+long ones checkpoint every few hundred steps):
+
+1. ``render``: a pool of rendered training images (pairs of renders of each look, in two
+   scenes and poses), their masks and looks. No evaluation subject's look is ever drawn.
+2. ``vae``: the AutoencoderKL (64x64x3 <-> 8x8x4), MSE + L1 + a small KL term; then
+   ``vae_detail`` goes on with the object's pixels weighted 5x (the masks are exact), so
+   that the few latent cells an object covers learn its pattern and mark, not just the
+   background that fills most of every image.
+3. ``clip``: ToyCLIP, contrastive on (image, caption) with phrases dropped at random.
+   Then ``clip_image`` trains the image tower on, the text tower frozen (so the UNet's
+   conditioning does not move), half of its batches from one scene, so that the negatives
+   differ in class and look rather than in scene.
+4. ``identity``: the identity embedder, InfoNCE over the two renders of each look.
+5. ``segmenter``: the mask network, BCE + Dice on the exact masks.
+6. ``latents``: the pool encoded by the VAE; the scaling factor that gives unit variance.
+7. ``unet``: the UNet2DConditionModel on epsilon with Stable Diffusion's noise schedule,
+   conditioned on ToyCLIP's text tower (frozen), captions dropped 10% of the time for
+   classifier-free guidance; an exponential moving average of the weights is what ships.
+8. ``bundle``: everything in fp16 safetensors in a diffusers folder plus ``training.json``.
+
+Stages 2 and 3-5 (with their second phases) run side by side in two processes of one thread each (small models use
+two cores better that way); the UNet gets both cores. The defaults fit this project's
+budget: at most 90 minutes on a 2-core CPU (``training.json`` records what it took).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hifi.io import atomic_path, write_json
+from hifi.toyworld.subjects import SUBJECTS
+from hifi.toyworld.world import SCENES, Look, ToyObject, caption, render, sample_object, sample_pose
+
+__all__ = ["TrainSettings", "main", "train_all"]
+
+
+@attrs.frozen
+class TrainSettings:
+    """Step counts and sizes of every stage (the defaults are the bundled model's)."""
+
+    seed: int = 0
+    looks: int = 15_000  # pool: 2 renders of each look
+    vae_steps: int = 1_100
+    vae_batch: int = 16
+    vae_detail_steps: int = 1_500
+    clip_steps: int = 1_000
+    clip_batch: int = 64
+    clip_image_steps: int = 2_000
+    identity_steps: int = 1_200
+    identity_batch: int = 32
+    segmenter_steps: int = 1_500
+    segmenter_batch: int = 16
+    unet_steps: int = 5_000
+    unet_batch: int = 32
+    caption_drop: float = 0.25  # each phrase (colour, pattern, mark, scene) left out this often
+    uncond_drop: float = 0.1  # whole caption left out (classifier-free guidance)
+    photo_prefix: float = 0.3  # "a photo of ..." this often
+
+    @classmethod
+    def quick(cls) -> TrainSettings:
+        """Tiny step counts: the whole script in a minute (tests)."""
+        return cls(looks=64, vae_steps=3, vae_batch=4, vae_detail_steps=3, clip_steps=3, clip_batch=8,
+                   clip_image_steps=3, identity_steps=3,
+                   identity_batch=4, segmenter_steps=3, segmenter_batch=4, unet_steps=4, unet_batch=4)
+
+
+# -- stage 1: the pool ------------------------------------------------------------------------
+
+
+def _render_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    seed, start, stop = args
+    held_out = list(SUBJECTS.values())
+    images, masks, objects = [], [], []
+    for i in range(start, stop):
+        rng = np.random.default_rng([seed, i])
+        first = sample_object(rng, exclude=held_out)
+        scenes = list(SCENES)
+        other_scene = str(rng.choice([s for s in scenes if s != first.scene]))
+        second = ToyObject(first.look, sample_pose(rng), other_scene)
+        for j, obj in enumerate((first, second)):
+            image, mask = render(obj, seed=int(rng.integers(2**31)) + j)
+            images.append(image)
+            masks.append(mask)
+            objects.append({"look": attrs.asdict(obj.look), "pose": attrs.asdict(obj.pose), "scene": obj.scene})
+    return np.stack(images), np.stack(masks), objects
+
+
+def stage_render(work: Path, s: TrainSettings, workers: int = 2) -> None:
+    chunks = [(s.seed, a, min(a + 500, s.looks)) for a in range(0, s.looks, 500)]
+    with get_context("spawn").Pool(workers) as pool:
+        parts = list(tqdm(pool.imap(_render_chunk, chunks), total=len(chunks), desc="render pool"))
+    images = np.concatenate([p[0] for p in parts])
+    masks = np.concatenate([p[1] for p in parts])
+    objects = [o for p in parts for o in p[2]]
+    with atomic_path(work / "pool.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, masks=masks)
+    write_json(work / "pool.json", objects)
+
+
+class Pool:
+    """The rendered pool: images [N, 3, 64, 64] in [0, 1], masks, objects; index 2k and 2k+1 share a look."""
+
+    def __init__(self, work: Path) -> None:
+        data = np.load(work / "pool.npz")
+        self.images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
+        self.masks = torch.from_numpy(data["masks"])
+        raw = json.loads((work / "pool.json").read_text())
+        self.objects = [ToyObject(Look(**o["look"]), _pose(o["pose"]), o["scene"]) for o in raw]
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def batch(self, index: Tensor) -> Tensor:
+        return self.images[index].float() / 255.0
+
+
+def _pose(d: dict[str, float]) -> Any:
+    from hifi.toyworld.world import Pose
+
+    return Pose(**d)
+
+
+def train_caption(obj: ToyObject, rng: np.random.Generator, s: TrainSettings) -> str:
+    """A training caption: phrases dropped at random, sometimes "a photo of ...", sometimes empty."""
+    if rng.random() < s.uncond_drop:
+        return ""
+    text = caption(obj, rng, drop=s.caption_drop)
+    if rng.random() < s.photo_prefix:
+        text = "a photo of " + text
+    return text
+
+
+# -- checkpointing ----------------------------------------------------------------------------
+
+
+def _save_ckpt(path: Path, step: int, **states: Any) -> None:
+    payload = {"step": step, **{k: v.state_dict() for k, v in states.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_ckpt(path: Path, **states: Any) -> int:
+    if not path.exists():
+        return 0
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    for k, v in states.items():
+        v.load_state_dict(payload[k])
+    return int(payload["step"])
+
+
+def _schedule(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int = 100) -> None:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _loop(name: str, work: Path, total: int, step_fn: Callable[[int], float], states: dict[str, Any],
+          every: int = 200) -> dict[str, Any]:
+    ckpt = work / f"{name}.ckpt"
+    start = _load_ckpt(ckpt, **states)
+    losses: list[float] = []
+    began = time.time()
+    with tqdm(range(start, total), desc=name, initial=start, total=total) as bar:
+        for step in bar:
+            loss = step_fn(step)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{name}: loss became {loss} at step {step}")
+            losses.append(loss)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if (step + 1) % every == 0 and step + 1 < total:
+                _save_ckpt(ckpt, step + 1, **states)
+    return {"steps": total, "resumed_at": start, "seconds": round(time.time() - began, 1),
+            "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+
+# -- stage 2: VAE -----------------------------------------------------------------------------
+
+
+def stage_vae(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    from hifi_backends.toy.models import vae_config
+
+    pool = Pool(work)
+    torch.manual_seed(s.seed + 1)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed + 1)
+
+    def step(i: int) -> float:
+        _schedule(opt, 1e-3, i, s.vae_steps)
+        x = pool.batch(torch.randint(len(pool), (s.vae_batch,), generator=gen)) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return float(F.mse_loss(recon.detach(), x))
+
+    stats = _loop("vae", work, s.vae_steps, step, {"model": vae, "opt": opt})
+    vae.eval()
+    with torch.no_grad():
+        x = pool.batch(torch.arange(min(256, len(pool)))) * 2 - 1
+        stats["eval_mse"] = float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
+    _save_model_dir(vae, work / "vae")
+    return stats
+
+
+def stage_vae_detail(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    pool = Pool(work)
+    torch.manual_seed(s.seed + 7)
+    vae = AutoencoderKL.from_pretrained(work / "vae", low_cpu_mem_usage=False).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed + 7)
+
+    def step(i: int) -> float:
+        _schedule(opt, 5e-4, i, s.vae_detail_steps, warmup=50)
+        index = torch.randint(len(pool), (s.vae_batch,), generator=gen)
+        x = pool.batch(index) * 2 - 1
+        weight = 1.0 + 4.0 * pool.masks[index].float()[:, None]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        err = recon - x
+        loss = (weight * err.pow(2)).mean() + 0.5 * (weight * err.abs()).mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return float(err.detach().pow(2).mean())
+
+    stats = _loop("vae_detail", work, s.vae_detail_steps, step, {"model": vae, "opt": opt})
+    vae.eval()
+    with torch.no_grad():
+        index = torch.arange(min(256, len(pool)))
+        x = pool.batch(index) * 2 - 1
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        mask = pool.masks[index][:, None].expand_as(x)
+        stats["eval_mse"] = float(F.mse_loss(recon, x))
+        stats["eval_mse_object"] = float((recon - x).pow(2)[mask].mean())
+    _save_model_dir(vae, work / "vae_final")
+    return stats
+
+
+def _save_model_dir(model: Any, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+# -- stages 3-5: ToyCLIP, identity, segmenter --------------------------------------------------
+
+
+def stage_clip(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from hifi_backends.toy.models import build_clip, build_tokenizer
+
+    pool = Pool(work)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(s.seed + 2)
+    clip = build_clip(tokenizer)
+    opt = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(s.seed + 2)
+    rng = np.random.default_rng(s.seed + 2)
+
+    def step(i: int) -> float:
+        _schedule(opt, 5e-4, i, s.clip_steps)
+        index = torch.randint(len(pool), (s.clip_batch,), generator=gen)
+        texts = [caption(pool.objects[k], rng, drop=s.caption_drop) for k in index.tolist()]
+        texts = [("a photo of " + t) if rng.random() < s.photo_prefix else t for t in texts]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        images = _clip_pixels(pool.batch(index))
+        image_emb, text_emb = clip_features(clip, images, ids)
+        assert image_emb is not None and text_emb is not None
+        logits = clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
+        # Captions of different images can be identical ("a mug"): count every equal caption
+        # as a positive, so the loss does not push identical texts apart.
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
+                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    stats = _loop("clip", work, s.clip_steps, step, {"model": clip, "opt": opt})
+    _save_model_dir(clip, work / "toyclip")
+    tokenizer.save_pretrained(work / "tokenizer")
+    return stats
+
+
+def stage_clip_image(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    pool = Pool(work)
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    clip = CLIPModel.from_pretrained(work / "toyclip")
+    clip.text_model.requires_grad_(False)
+    clip.text_projection.requires_grad_(False)
+    params = [p for p in clip.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(s.seed + 6)
+    rng = np.random.default_rng(s.seed + 6)
+    by_scene: dict[str, list[int]] = {}
+    for k, obj in enumerate(pool.objects):
+        by_scene.setdefault(obj.scene, []).append(k)
+    scene_names = sorted(by_scene)
+
+    def step(i: int) -> float:
+        _schedule(opt, 3e-4, i, s.clip_image_steps)
+        if rng.random() < 0.5:  # one scene: the negatives differ in class and look
+            members = by_scene[scene_names[int(rng.integers(len(scene_names)))]]
+            index = torch.tensor(rng.choice(members, size=s.clip_batch, replace=len(members) < s.clip_batch))
+        else:
+            index = torch.randint(len(pool), (s.clip_batch,), generator=gen)
+        texts = [caption(pool.objects[k], rng, drop=s.caption_drop) for k in index.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        image_emb, text_emb = clip_features(clip, _clip_pixels(pool.batch(index)), ids)
+        assert image_emb is not None and text_emb is not None
+        logits = clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
+                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    stats = _loop("clip_image", work, s.clip_image_steps, step, {"model": clip, "opt": opt})
+    _save_model_dir(clip, work / "toyclip_final")
+    return stats
+
+
+def clip_features(clip: Any, pixels: Tensor | None, ids: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Unit-norm ToyCLIP image and text embeddings (either may be None)."""
+    image = text = None
+    if pixels is not None:
+        image = F.normalize(clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output), dim=-1)
+    if ids is not None:
+        text = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
+    return image, text
+
+
+def _clip_pixels(images: Tensor) -> Tensor:
+    """ToyCLIP's input: [0, 1] images scaled to [-1, 1] (no other preprocessing)."""
+    return images * 2.0 - 1.0
+
+
+def stage_identity(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from hifi_backends.toy.models import IdentityNet
+
+    pool = Pool(work)
+    torch.manual_seed(s.seed + 3)
+    net = IdentityNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(s.seed + 3)
+    looks = len(pool) // 2
+
+    def step(i: int) -> float:
+        _schedule(opt, 1e-3, i, s.identity_steps)
+        pairs = torch.randperm(looks, generator=gen)[: s.identity_batch]
+        a = F.normalize(net(pool.batch(2 * pairs)), dim=-1)
+        b = F.normalize(net(pool.batch(2 * pairs + 1)), dim=-1)
+        logits = a @ b.T / 0.1
+        target = torch.arange(len(pairs))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    stats = _loop("identity", work, s.identity_steps, step, {"model": net, "opt": opt})
+    _save_small(net, work / "identity")
+    return stats
+
+
+def stage_segmenter(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from hifi_backends.toy.models import MaskNet
+
+    pool = Pool(work)
+    torch.manual_seed(s.seed + 4)
+    net = MaskNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed + 4)
+
+    def step(i: int) -> float:
+        _schedule(opt, 2e-3, i, s.segmenter_steps)
+        index = torch.randint(len(pool), (s.segmenter_batch,), generator=gen)
+        logits = net(pool.batch(index))
+        target = pool.masks[index].float()
+        prob = logits.sigmoid()
+        dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+        loss = F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    stats = _loop("segmenter", work, s.segmenter_steps, step, {"model": net, "opt": opt})
+    net.eval()
+    with torch.no_grad():
+        index = torch.arange(min(256, len(pool)))
+        pred = net(pool.batch(index)) > 0
+        target = pool.masks[index]
+        stats["eval_iou"] = float((pred & target).sum() / (pred | target).sum().clamp(min=1))
+    _save_small(net, work / "segmenter")
+    return stats
+
+
+def _save_small(net: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    config: dict[str, Any] = dict(net.config)
+    write_json(folder / "config.json", config)
+
+
+# -- stages 6-7: latents and the UNet ---------------------------------------------------------
+
+
+def stage_latents(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    pool = Pool(work)
+    vae = AutoencoderKL.from_pretrained(work / "vae_final", low_cpu_mem_usage=False).eval()
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(pool), 256), desc="encode pool"):
+            x = pool.batch(torch.arange(start, min(start + 256, len(pool)))) * 2 - 1
+            chunks.append(vae.encode(x).latent_dist.mean)
+    latents = torch.cat(chunks)
+    scale = float(1.0 / latents.std())
+    with atomic_path(work / "latents.pt") as tmp:
+        torch.save({"latents": latents * scale, "scaling_factor": scale}, tmp)
+    return {"scaling_factor": scale, "count": len(latents)}
+
+
+def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    from hifi.kernels.ddim import Schedule, add_noise
+    from hifi_backends.configs import load_config
+    from hifi_backends.toy.models import unet_config
+
+    pool = Pool(work)
+    latents = torch.load(work / "latents.pt", weights_only=True)["latents"]
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    clip = CLIPModel.from_pretrained(work / "toyclip")
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    text_encoder.eval().requires_grad_(False)
+    _save_model_dir(text_encoder, work / "text_encoder")
+    schedule = Schedule.from_config(load_config("sd14", "scheduler"))
+    alphas = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
+
+    torch.manual_seed(s.seed + 5)
+    unet = UNet2DConditionModel(**unet_config(cross_attention_dim=text_encoder.config.hidden_size))
+    ema = UNet2DConditionModel(**unet_config(cross_attention_dim=text_encoder.config.hidden_size))
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed + 5)
+    rng = np.random.default_rng(s.seed + 5)
+    decay = 0.998
+
+    def step(i: int) -> float:
+        _schedule(opt, 4e-4, i, s.unet_steps, warmup=200)
+        index = torch.randint(len(pool), (s.unet_batch,), generator=gen)
+        texts = [train_caption(pool.objects[k], rng, s) for k in index.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            cond = text_encoder(ids)[0]
+        x0 = latents[index]
+        t = torch.randint(0, schedule.num_train_timesteps, (s.unet_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = add_noise(x0, noise, alphas[t])
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(decay, (1 + i) / (10 + i))
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(p, 1 - d)
+        return loss.item()
+
+    stats = _loop("unet", work, s.unet_steps, step, {"model": unet, "ema": ema, "opt": opt}, every=250)
+    _save_model_dir(ema, work / "unet")
+    return stats
+
+
+# -- stage 8: the bundle ----------------------------------------------------------------------
+
+
+def stage_bundle(work: Path, out: Path, s: TrainSettings, report: dict[str, Any]) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    from hifi_backends.configs import load_config
+
+    scale = torch.load(work / "latents.pt", weights_only=True)["scaling_factor"]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    vae = AutoencoderKL.from_pretrained(work / "vae_final", low_cpu_mem_usage=False)
+    vae.register_to_config(scaling_factor=scale)
+    half = {"safe_serialization": True}
+    vae.half().save_pretrained(tmp / "vae", **half)
+    UNet2DConditionModel.from_pretrained(work / "unet").half().save_pretrained(tmp / "unet", **half)
+    CLIPTextModel.from_pretrained(work / "text_encoder").half().save_pretrained(tmp / "text_encoder", **half)
+    CLIPModel.from_pretrained(work / "toyclip_final").half().save_pretrained(tmp / "toyclip", **half)
+    CLIPTokenizer.from_pretrained(work / "tokenizer").save_pretrained(tmp / "tokenizer")
+    scheduler = load_config("sd14", "scheduler")
+    write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+    for name in ("identity", "segmenter"):
+        from safetensors.torch import load_file, save_file
+
+        (tmp / name).mkdir()
+        state = {k: v.half() for k, v in load_file(str(work / name / "model.safetensors")).items()}
+        save_file(state, str(tmp / name / "model.safetensors"))
+        shutil.copy(work / name / "config.json", tmp / name / "config.json")
+    write_json(tmp / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    })
+    write_json(tmp / "training.json", report)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# -- orchestration ----------------------------------------------------------------------------
+
+STAGES = ("render", "vae", "vae_detail", "clip", "identity", "segmenter", "clip_image", "latents", "unet")
+_DONE = {"render": "pool.json", "vae": "vae", "vae_detail": "vae_final", "clip": "toyclip", "identity": "identity",
+         "segmenter": "segmenter", "clip_image": "toyclip_final", "latents": "latents.pt", "unet": "unet"}
+_FUNCS: dict[str, Callable[[Path, TrainSettings], Any]] = {
+    "vae": stage_vae, "vae_detail": stage_vae_detail, "clip": stage_clip, "identity": stage_identity,
+    "segmenter": stage_segmenter,
+    "clip_image": stage_clip_image,
+    "latents": stage_latents, "unet": stage_unet,
+}
+
+
+def run_stage(name: str, work: Path, s: TrainSettings) -> dict[str, Any]:
+    """Run one stage unless its output exists; its statistics go to ``work/<name>.json``."""
+    stats_file = work / f"{name}.json"
+    if (work / _DONE[name]).exists() and stats_file.exists():
+        return json.loads(stats_file.read_text())
+    began = time.time()
+    if name == "render":
+        stage_render(work, s)
+        stats: dict[str, Any] = {"images": 2 * s.looks}
+    else:
+        stats = _FUNCS[name](work, s)
+    stats["wall_seconds"] = round(time.time() - began, 1)
+    write_json(stats_file, stats)
+    return stats
+
+
+def _subprocess_stages(names: list[str], work: Path, s: TrainSettings, threads: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HIFI_TOY_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "hifi_backends.toy.train", "--work", str(work), "--stages", ",".join(names),
+           "--settings", json.dumps(attrs.asdict(s))]
+    return subprocess.Popen(cmd, env=env)
+
+
+def train_all(out: str | Path, work: str | Path, settings: TrainSettings | None = None,
+              parallel: bool = True) -> dict[str, Any]:
+    """Every stage, then the bundle in ``out``; returns the report written as ``training.json``."""
+    s = settings or TrainSettings()
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    torch.set_num_threads(2)
+    run_stage("render", work, s)
+    if parallel:
+        procs = [_subprocess_stages(["vae", "vae_detail"], work, s, 1),
+                 _subprocess_stages(["clip", "identity", "segmenter", "clip_image"], work, s, 1)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"a training process failed (exit codes {codes}); rerun to resume")
+    for name in ("vae", "vae_detail", "clip", "identity", "segmenter", "clip_image", "latents", "unet"):
+        run_stage(name, work, s)
+    report = {
+        "settings": attrs.asdict(s),
+        "stages": {name: json.loads((work / f"{name}.json").read_text()) for name in STAGES},
+        "wall_seconds_total": round(time.time() - began, 1),
+        "torch": torch.__version__,
+        "threads": 2,
+        "machine": _machine(),
+    }
+    stage_bundle(work, out, s, report)
+    return report
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hifi_backends.toy.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="bundle folder to write (default: the package's bundle)")
+    p.add_argument("--work", default="toyworld-work", help="folder for the pool, checkpoints and stage outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test, not a model)")
+    p.add_argument("--stages", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.settings:
+        s = TrainSettings(**json.loads(args.settings))
+    else:
+        s = TrainSettings.quick() if args.quick else TrainSettings()
+        s = attrs.evolve(s, seed=args.seed)
+    if args.stages:  # a worker process started by train_all
+        torch.set_num_threads(int(os.environ.get("HIFI_TOY_THREADS", "1")))
+        for name in args.stages.split(","):
+            run_stage(name, Path(args.work), s)
+        return 0
+    from hifi_backends.toy.backend import BUNDLE
+
+    report = train_all(args.out or BUNDLE, args.work, s)
+    print(f"bundle written to {args.out or BUNDLE} in {report['wall_seconds_total'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""The tables command of benchmarks/toyworld.py, on one subject at tiny step counts (issue: the paper's tables)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import toyworld
+
+
+def test_tables_command_writes_every_row_with_finite_values(tmp_path, capsys):
+    out = tmp_path / "tables"
+    argv = ["tables", "--out", str(out), "--subjects", "striped_mug", "--prompts", "1", "--images-per-prompt",
+            "1", "--steps", "2", "--stepwise-steps", "1", "--ddim-steps", "4", "--t-start", "3", "--t-end", "1",
+            "--phi-steps", "1", "--quiet"]
+    assert toyworld.main(argv) == 0
+    assert "## Table 1" in capsys.readouterr().out
+    summary = json.loads((out / "tables.json").read_text())
+    assert set(summary["rows"]) == set(toyworld.ROWS) | {"other-subjects"}
+    for name in toyworld.ROWS:
+        metrics = ("dino", "clip_i") if name == "real" else ("dino", "clip_i", "clip_t")
+        for m in metrics:
+            entry = summary["rows"][name][m]
+            assert math.isfinite(entry["mean"]) and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+    table = (out / "tables.md").read_text()
+    assert all(f"(`{name}`)" in table for name in toyworld.ROWS)
+    assert (out / "tables.png").exists() and (out / "grids" / "striped_mug.hifi.png").exists()
