@@ -20,6 +20,7 @@ import argparse
 import random
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import attrs
 import torch
 
 from hifi.algorithms.reference import ReferenceSettings
+from hifi.errors import HifiError
 from hifi.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth
 from hifi.io import atomic_path, image_to_tensor, list_images, load_image, write_json
 from hifi.perception_registry import load_embedder
@@ -47,11 +49,11 @@ class TableSettings:
     """The scaled-down protocol, equal for every row."""
 
     subjects: tuple[str, ...] = tuple(list(SUBJECTS)[:8])
-    prompts: int = 10
+    prompts: int = 6
     images_per_prompt: int = 2
     seeds: tuple[int, ...] = (0,)
-    steps: int = 250  # c_s / TI token / DreamBooth steps
-    dreambooth_lr: float = 5e-5  # SD's 5e-6 barely moves a from-scratch 4M UNet in 250 steps
+    steps: int | None = 200  # c_s / TI token / DreamBooth steps (None: each method's own)
+    dreambooth_lr: float | None = 5e-5  # SD's 5e-6 barely moves a from-scratch 4M UNet in 200 steps
     stepwise_steps: int = 3  # I of Algorithm 1, per timestep
     ddim_steps: int = 20
     t_start: int = 16
@@ -83,14 +85,46 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+PAPER = TableSettings(subjects=(), prompts=25, images_per_prompt=4, steps=None, dreambooth_lr=None,
+                      stepwise_steps=10, ddim_steps=50, t_start=40, t_end=10, phi_steps=10)
+"""The paper's protocol (Section 4): all subjects and prompts, 4 images each, each method's own steps."""
+
+
 def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, model: str | None = None,
-               rows: Sequence[str] = ROWS, progress: bool = False) -> dict[str, Any]:
-    """Evaluate every row on the ToyWorld subjects; write tables, plot and grids to ``out``."""
+               rows: Sequence[str] = ROWS, progress: bool = False, dataset: str | Path | None = None,
+               backend: str = "toy", masks: str | None = None, device: str | None = None,
+               work: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate every row and write tables, plot and grids to ``out``.
+
+    By default on the ToyWorld subjects with the bundled model. With ``dataset`` (a
+    DreamBooth-layout folder), ``backend`` and ``model`` it is the real protocol: e.g. the
+    DreamBooth set with ``sd14-fp16`` and SD 1.4 weights, ``masks="auto"`` (Grounded SAM),
+    DINO and CLIP as the metrics (the backend's own perception models otherwise).
+    ``work`` (default ``out/work``) holds the runs, images and scores; processes evaluating
+    different subjects can share it, and a last run over all of them reuses their work.
+    """
+    from hifi.registry import backend_perception_defaults
+
     out = Path(out)
-    work = out / "work"
-    dataset_dir, masks_dir = export_dataset(work / "data", list(settings.subjects))
-    dataset = load_dreambooth(dataset_dir)
-    scorers = Scorers(load_embedder("toy-id", model=model), load_embedder("toyclip", model=model))
+    work = Path(work) if work else out / "work"
+    if dataset is None:
+        # Every subject, whichever are evaluated: processes sharing a work folder write the same files.
+        dataset_dir, masks_dir = export_dataset(work / "data", list(SUBJECTS))
+        mask_option = str(masks_dir)
+    else:
+        dataset_dir, mask_option = Path(dataset), masks or "none"
+    loaded = load_dreambooth(dataset_dir)
+    if not settings.subjects:
+        settings = attrs.evolve(settings, subjects=tuple(sorted(loaded.classes)))
+    prefs = backend_perception_defaults(backend)
+    own = set(prefs.values())
+    identity, clip = prefs.get("embedder", "dino"), prefs.get("clip", "clip")
+    scorers = Scorers(load_embedder(identity, model=model if identity in own else None, device=device),
+                      load_embedder(clip, model=model if clip in own else None, device=device))
+
+    def backend_for() -> Any:
+        options: dict[str, Any] = {"model": model} if model else {}
+        return load_backend(backend, **options, **({"device": device} if device else {}))
     reference = ReferenceSettings(num_steps=settings.ddim_steps, t_start=settings.t_start, t_end=settings.t_end,
                                   phi_steps=settings.phi_steps)
     results: dict[str, Any] = {}
@@ -103,12 +137,11 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
                 method=row, subjects=settings.subjects, prompts=settings.prompts,
                 images_per_prompt=settings.images_per_prompt, steps=settings.steps,
                 stepwise_steps=settings.stepwise_steps, num_steps=settings.ddim_steps, seed=seed,
-                masks=str(masks_dir), reference=reference,
-                learning_rates=(("dreambooth", settings.dreambooth_lr),),
+                masks=mask_option, reference=reference,
+                learning_rates=(("dreambooth", settings.dreambooth_lr),) if settings.dreambooth_lr else (),
             )
             folder = work / f"seed{seed}"
-            evaluate(dataset, lambda: load_backend("toy", model=model), scorers, folder, eval_settings,
-                     progress=progress)
+            evaluate(loaded, backend_for, scorers, folder, eval_settings, progress=progress)
             collected += [{**r, "eval_seed": seed} for r in _read_rows(folder / row / "scores.csv")]
         timings[row] = round(time.time() - began, 1)
         results[row] = {}
@@ -117,10 +150,13 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
             if cells:
                 mean, lo, hi = _interval(cells)
                 results[row][metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(cells)}
-    results["other-subjects"] = _other_subjects(dataset_dir, settings.subjects, scorers)
+    results["other-subjects"] = _other_subjects(dataset_dir, settings.subjects, scorers,
+                                                size=64 if dataset is None else 256)
     summary = {
         "settings": attrs.asdict(settings),
-        "model": model or "bundled ToyWorld model",
+        "backend": backend,
+        "dataset": str(dataset) if dataset else "ToyWorld subjects",
+        "model": model or ("bundled ToyWorld model" if backend == "toy" else None),
         "rows": results,
         "seconds": timings,
         "table1": list(TABLE1),
@@ -139,11 +175,11 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
     return summary
 
 
-def _other_subjects(dataset_dir: Path, subjects: Sequence[str], scorers: Scorers) -> dict[str, Any]:
+def _other_subjects(dataset_dir: Path, subjects: Sequence[str], scorers: Scorers, size: int = 64) -> dict[str, Any]:
     """Each subject's photos against every *other* subject's photos: the floor of the identity metrics."""
     feats = {}
     for s in subjects:
-        images = torch.stack([image_to_tensor(load_image(f), 64) for f in list_images(dataset_dir / s)])
+        images = torch.stack([image_to_tensor(load_image(f), size) for f in list_images(dataset_dir / s)])
         feats[s] = scorers.image_features(images)
     out: dict[str, Any] = {}
     for metric, key in (("dino", "dino"), ("clip_i", "clip")):
@@ -178,12 +214,16 @@ def tables_markdown(summary: dict[str, Any]) -> str:
                          + " |")
         return lines
 
+    steps = (f"{s['steps']} tuning steps" if s["steps"] else "each method's default tuning steps (c_s and TI 1000,"
+             " DreamBooth 400)")
+    lr = f"DreamBooth at lr {s['dreambooth_lr']:g}" if s["dreambooth_lr"] else "DreamBooth at lr 5e-6"
     lines = [
-        "# The paper's tables, measured on ToyWorld",
+        f"# The paper's tables, measured ({summary.get('dataset', 'ToyWorld subjects')},"
+        f" backend `{summary.get('backend', 'toy')}`)",
         "",
         f"{len(s['subjects'])} subjects ({', '.join(s['subjects'])}), first {s['prompts']} of the 25 prompts,"
-        f" {s['images_per_prompt']} images per prompt, seeds {list(s['seeds'])}. Every row: {s['steps']} tuning"
-        f" steps (DreamBooth at lr {s['dreambooth_lr']:g}; c_s and TI at 5e-3), step-wise I = {s['stepwise_steps']}"
+        f" {s['images_per_prompt']} images per prompt, seeds {list(s['seeds'])}. Every row: {steps}"
+        f" ({lr}; c_s and TI at 5e-3), step-wise I = {s['stepwise_steps']}"
         f" per timestep, T = {s['ddim_steps']} DDIM steps, guidance 7.5;"
         f" reference guidance t_s = {s['t_start']}, t_e = {s['t_end']}, J = {s['phi_steps']}."
         " Mean and 95% bootstrap interval over (subject, seed) cells.",
@@ -246,8 +286,9 @@ def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, n
     began = time.time()
     report = prompt_following(backend, clip, samples=samples, num_steps=num_steps)
     seconds = round(time.time() - began, 1)
+    separation = _separation(backend, Scorers(load_embedder("toy-id", model=model), clip), num_steps)
     result = {"prompt_following": report.as_dict(), "seconds": seconds, "num_steps": num_steps,
-              "model": model or "bundled ToyWorld model"}
+              "separation": separation, "model": model or "bundled ToyWorld model"}
     write_json(out / "check.json", result)
     md = [
         "# ToyWorld model check",
@@ -263,9 +304,57 @@ def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, n
         f" {report.renders_class_accuracy:.0%} |",
         "",
     ]
+    md += [
+        "Do the metrics separate? Each subject's photos against: its own other photos (real vs real), every other",
+        "subject's photos, and 4 generations of its class word alone (\"a mug on the beach\", no tuning);",
+        "mean and 95% bootstrap interval over the 10 subjects.",
+        "",
+        "| row | identity (DINO's role) | ToyCLIP-I |",
+        "| --- | ---: | ---: |",
+    ]
+    md += [f"| {name} | {_fmt(v['dino'])} | {_fmt(v['clip_i'])} |" for name, v in separation.items()]
+    md.append("")
     with atomic_path(out / "check.md") as tmp:
         tmp.write_text("\n".join(md))
     return result
+
+
+def _separation(backend: Any, scorers: Scorers, num_steps: int) -> dict[str, Any]:
+    """Real vs real, other subjects' photos, and no-tuning generations, per subject."""
+    from hifi.algorithms.generate import generate
+    from hifi.subject import Subject
+    from hifi.toyworld.subjects import PROMPTS, subject_photos
+
+    feats = {}
+    for name in SUBJECTS:
+        images = torch.stack([torch.from_numpy(p[0]).permute(2, 0, 1).float() / 127.5 - 1
+                              for p in subject_photos(name)])
+        feats[name] = scorers.image_features(images)
+    cells: dict[str, dict[str, list[float]]] = {
+        "real vs real (no self-pairs)": {"dino": [], "clip_i": []},
+        "other subjects' photos": {"dino": [], "clip_i": []},
+        "no tuning (class word alone)": {"dino": [], "clip_i": []},
+    }
+    for k, (name, look) in enumerate(SUBJECTS.items()):
+        prompts = [PROMPTS[i].format("", look.cls).replace("  ", " ") for i in range(4)]
+        generated = torch.cat([generate(backend, Subject.plain(look.cls), p, [k * 10 + i], num_steps=num_steps)
+                               .images.cpu() for i, p in enumerate(prompts)])
+        gen = scorers.image_features(generated)
+        for metric, key in (("dino", "dino"), ("clip_i", "clip")):
+            own = feats[name][key]
+            sims = own @ own.T
+            off = ~torch.eye(len(sims), dtype=torch.bool)
+            cells["real vs real (no self-pairs)"][metric].append(float(sims[off].mean()))
+            cells["other subjects' photos"][metric].append(
+                statistics.fmean(float((own @ feats[o][key].T).mean()) for o in SUBJECTS if o != name))
+            cells["no tuning (class word alone)"][metric].append(float((gen[key] @ own.T).mean()))
+    out: dict[str, Any] = {}
+    for row, metrics in cells.items():
+        out[row] = {}
+        for metric, values in metrics.items():
+            mean, lo, hi = _interval(values)
+            out[row][metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(values)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,20 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--ddim-steps", type=int, default=25)
     t = sub.add_parser("tables", help="Table 1 and Table 2 on ToyWorld")
     t.add_argument("--out", default="benchmarks/results/toyworld-tables")
-    t.add_argument("--model", default=None, help="a ToyWorld folder (default: the bundled one)")
-    defaults = TableSettings()
-    t.add_argument("--subjects", default=",".join(defaults.subjects))
+    t.add_argument("--model", default=None, help="model folder (default: the bundled ToyWorld model)")
+    t.add_argument("--backend", default="toy", help="denoiser backend (e.g. sd14-fp16 with --model for SD 1.4)")
+    t.add_argument("--dataset", default=None, help="a DreamBooth-layout folder (default: the ToyWorld subjects)")
+    t.add_argument("--masks", default=None, help="with --dataset: none, auto (Grounded SAM) or a folder")
+    t.add_argument("--device", default=None)
+    t.add_argument("--work", default=None, help="runs, images and scores (default OUT/work; resumable, shareable)")
+    t.add_argument("--paper", action="store_true",
+                   help="the paper's protocol: every subject and prompt, 4 images, each method's own steps, T=50")
+    t.add_argument("--subjects", default=None, help="comma-separated (default: 8 ToyWorld subjects, or all)")
     t.add_argument("--rows", default=",".join(ROWS))
-    t.add_argument("--prompts", type=int, default=defaults.prompts)
-    t.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
-    t.add_argument("--seeds", default=",".join(map(str, defaults.seeds)))
-    t.add_argument("--steps", type=int, default=defaults.steps)
-    t.add_argument("--dreambooth-lr", type=float, default=defaults.dreambooth_lr)
-    t.add_argument("--stepwise-steps", type=int, default=defaults.stepwise_steps)
-    t.add_argument("--ddim-steps", type=int, default=defaults.ddim_steps)
-    t.add_argument("--t-start", type=int, default=defaults.t_start)
-    t.add_argument("--t-end", type=int, default=defaults.t_end)
-    t.add_argument("--phi-steps", type=int, default=defaults.phi_steps)
+    for flag, kind in (("--prompts", int), ("--images-per-prompt", int), ("--steps", int),
+                       ("--dreambooth-lr", float), ("--stepwise-steps", int), ("--ddim-steps", int),
+                       ("--t-start", int), ("--t-end", int), ("--phi-steps", int)):
+        t.add_argument(flag, type=kind, default=None, help="(default: the scaled-down ToyWorld protocol)")
+    t.add_argument("--seeds", default=None, help="comma-separated tuning seeds (default 0)")
     t.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.command == "check":
@@ -299,17 +389,32 @@ def main(argv: list[str] | None = None) -> int:
         print((Path(args.out) / "check.md").read_text())
         del result
         return 0
-    unknown = [s for s in args.subjects.split(",") if s not in SUBJECTS]
+    base = PAPER if args.paper else TableSettings()
+    if args.dataset is None and args.paper:
+        base = attrs.evolve(base, subjects=tuple(SUBJECTS))
+    changes: dict[str, Any] = {
+        name: getattr(args, name) for name in ("prompts", "images_per_prompt", "steps", "dreambooth_lr",
+                                               "stepwise_steps", "ddim_steps", "t_start", "t_end", "phi_steps")
+        if getattr(args, name) is not None
+    }
+    if args.subjects:
+        changes["subjects"] = tuple(args.subjects.split(","))
+    elif args.dataset is not None:
+        changes["subjects"] = ()  # every subject of the dataset
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    settings = attrs.evolve(base, **changes)
     bad_rows = [r for r in args.rows.split(",") if r not in ROWS]
+    unknown = [s for s in settings.subjects if s not in SUBJECTS] if args.dataset is None else []
     if unknown or bad_rows:
         p.error(f"unknown subjects {unknown} or rows {bad_rows}")
-    settings = TableSettings(
-        subjects=tuple(args.subjects.split(",")), prompts=args.prompts, images_per_prompt=args.images_per_prompt,
-        seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps,
-        dreambooth_lr=args.dreambooth_lr, stepwise_steps=args.stepwise_steps,
-        ddim_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end, phi_steps=args.phi_steps,
-    )
-    summary = run_tables(args.out, settings, model=args.model, rows=args.rows.split(","), progress=not args.quiet)
+    try:
+        summary = run_tables(args.out, settings, model=args.model, rows=args.rows.split(","),
+                             progress=not args.quiet, dataset=args.dataset, backend=args.backend, masks=args.masks,
+                             device=args.device, work=args.work)
+    except HifiError as err:
+        print(f"toyworld: error: {err}", file=sys.stderr)
+        return 2
     print(tables_markdown(summary))
     return 0
 

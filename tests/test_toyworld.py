@@ -140,15 +140,20 @@ def test_bundle_is_small_enough():
 
 
 def test_bundled_model_follows_prompts():
-    """The 80% bound of the issue, on 16 samples with a margin (the full check: benchmarks.toyworld check)."""
+    """The issue's 80% bound for the scene, on 16 samples with a margin (the full check: benchmarks.toyworld check).
+
+    The class cannot be checked this way: ToyCLIP's text tower does not tell classes apart
+    (zero-shot class recognition is 25% even on renders, chance 12.5%; see README), so a
+    class assertion would test ToyCLIP, not the model. The identity test below covers shape
+    and look through the identity embedder instead.
+    """
     from hifi.registry import load_backend
     from hifi_backends.toy.perception import load_toyclip
     from hifi_backends.toy.quality import prompt_following
 
     report = prompt_following(load_backend("toy"), load_toyclip(), samples=16, seed=1, num_steps=15)
-    assert report.renders_scene_accuracy >= 0.9 and report.renders_class_accuracy >= 0.9
-    assert report.scene_accuracy >= 0.65, report.rows
-    assert report.class_accuracy >= 0.65, report.rows
+    assert report.renders_scene_accuracy >= 0.9
+    assert report.scene_accuracy >= 0.7, report.rows
 
 
 def test_identity_metric_separates_subjects():

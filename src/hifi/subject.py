@@ -95,8 +95,8 @@ class Subject:
         needle = f" {self.class_name} "
         if needle in padded:
             return padded.replace(needle, f" {words} ", 1).strip()
-        if self.mode == "hifi":
-            return prompt  # c_s is spliced at the end whatever the prompt says
+        if self.mode in ("hifi", "plain"):
+            return prompt  # c_s is spliced at the end whatever the prompt says; plain has no subject
         raise HifiError(
             f"the prompt {prompt!r} names no subject: write {SUBJECT_SLOT} or the class word"
             f" {self.class_name!r} where the subject goes"

@@ -62,8 +62,8 @@ def subject_photos(name: str, n: int = PHOTOS_PER_SUBJECT) -> list[tuple[np.ndar
     return photos
 
 
-def _prompt_file() -> str:
-    classes = "\n".join(f"{name},{look.cls}" for name, look in SUBJECTS.items())
+def _prompt_file(names: list[str]) -> str:
+    classes = "\n".join(f"{name},{SUBJECTS[name].cls}" for name in names)
     listing = ",\n".join(f"'{p}'.format(unique_token, class_token)" for p in PROMPTS)
     block = f"prompt_list = [\n{listing}\n]\n"
     return (
@@ -80,11 +80,12 @@ def export_dataset(out: str | Path, subjects: list[str] | None = None) -> tuple[
     """
     out = Path(out)
     dataset, masks = out / "dataset", out / "masks"
-    for name in subjects or list(SUBJECTS):
+    names = list(subjects or SUBJECTS)
+    for name in names:
         for i, (image, mask, _obj) in enumerate(subject_photos(name)):
             save_image(Image.fromarray(image), dataset / name / f"{i:02d}.png")
             save_image(Image.fromarray((mask * 255).astype(np.uint8)), masks / name / f"{i:02d}.png")
     dataset.mkdir(parents=True, exist_ok=True)
     with atomic_path(dataset / "prompts_and_classes.txt") as tmp:
-        tmp.write_text(_prompt_file())
+        tmp.write_text(_prompt_file(names))
     return dataset, masks
