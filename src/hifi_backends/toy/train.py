@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -498,7 +498,7 @@ def _save_small(net: torch.nn.Module, folder: Path) -> None:
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(state, str(tmp))
-    config: dict[str, Any] = dict(net.config)
+    config = dict(cast(dict[str, Any], net.config))
     write_json(folder / "config.json", config)
 
 
