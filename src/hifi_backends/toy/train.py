@@ -307,18 +307,7 @@ def stage_clip(work: Path, s: TrainSettings) -> dict[str, Any]:
         index = torch.randint(len(pool), (s.clip_batch,), generator=gen)
         texts = [caption(pool.objects[k], rng, drop=s.caption_drop) for k in index.tolist()]
         texts = [("a photo of " + t) if rng.random() < s.photo_prefix else t for t in texts]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        images = _clip_pixels(pool.batch(index))
-        image_emb, text_emb = clip_features(clip, images, ids)
-        assert image_emb is not None and text_emb is not None
-        logits = clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
-        # Captions of different images can be identical ("a mug"): count every equal caption
-        # as a positive, so the loss does not push identical texts apart.
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        target = same / same.sum(dim=1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
-                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        loss = contrastive_loss(clip, tokenizer, pool.batch(index), texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -355,15 +344,7 @@ def stage_clip_image(work: Path, s: TrainSettings) -> dict[str, Any]:
         else:
             index = torch.randint(len(pool), (s.clip_batch,), generator=gen)
         texts = [caption(pool.objects[k], rng, drop=s.caption_drop) for k in index.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        image_emb, text_emb = clip_features(clip, _clip_pixels(pool.batch(index)), ids)
-        assert image_emb is not None and text_emb is not None
-        logits = clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        target = same / same.sum(dim=1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
-                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        loss = contrastive_loss(clip, tokenizer, pool.batch(index), texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -396,15 +377,7 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
         else:
             index = torch.randint(len(pool), (s.clip_batch,), generator=gen)
         texts = [caption(pool.objects[k], rng, drop=s.caption_drop) for k in index.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        image_emb, text_emb = clip_features(clip, _clip_pixels(pool.batch(index)), ids)
-        assert image_emb is not None and text_emb is not None
-        logits = clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        target = same / same.sum(dim=1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
-                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        loss = contrastive_loss(clip, tokenizer, pool.batch(index), texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -413,6 +386,23 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
     stats = _loop("clip_metric", work, s.clip_metric_steps, step, {"model": clip, "opt": opt})
     _save_model_dir(clip, work / "toyclip_metric")
     return stats
+
+
+def contrastive_loss(clip: Any, tokenizer: Any, images: Tensor, texts: list[str]) -> Tensor:
+    """CLIP's symmetric InfoNCE over a batch of [0, 1] images and their captions.
+
+    Captions of different images can be identical ("a mug"): every equal caption counts as
+    a positive, so the loss does not push identical texts apart.
+    """
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    image_emb, text_emb = clip_features(clip, _clip_pixels(images), ids)
+    assert image_emb is not None and text_emb is not None
+    logits = clip.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+    target = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
+                  + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
 
 
 def clip_features(clip: Any, pixels: Tensor | None, ids: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
