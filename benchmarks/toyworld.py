@@ -171,7 +171,8 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
             grid = work / f"seed{settings.seeds[0]}" / row / f"{subject}.grid.png"
             if grid.exists():
                 (out / "grids").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(grid, out / "grids" / f"{subject}.{row}.png")
+                with atomic_path(out / "grids" / f"{subject}.{row}.png") as tmp:
+                    shutil.copyfile(grid, tmp)
     return summary
 
 

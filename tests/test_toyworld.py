@@ -157,10 +157,8 @@ def test_bundled_model_follows_prompts():
 
 
 def test_identity_metric_separates_subjects():
-    from hifi.registry import load_backend
     from hifi_backends.toy.perception import build_toy_identity
 
-    del load_backend
     embedder = build_toy_identity()
     feats = {}
     for name in list(SUBJECTS)[:6]:

@@ -45,11 +45,12 @@ def classify(
     """ToyCLIP's zero-shot (scene, class) of each image, given the prompted class and scene."""
     feats = clip.embed(images).cpu()
     scene_keys, found_scenes, found_classes = list(SCENES), [], []
+    # The candidate texts depend on the prompt's class or scene alone: encode each set once.
+    by_class = {c: clip.embed_text([f"a {c} {SCENES[s]}" for s in scene_keys]) for c in set(classes)}
+    by_scene = {s: clip.embed_text([f"a {c} {SCENES[s]}" for c in CLASSES]) for s in set(scenes)}
     for f, cls, scene in zip(feats, classes, scenes, strict=True):
-        texts = [f"a {cls} {SCENES[s]}" for s in scene_keys]
-        found_scenes.append(scene_keys[int((clip.embed_text(texts) @ f).argmax())])
-        texts = [f"a {c} {SCENES[scene]}" for c in CLASSES]
-        found_classes.append(CLASSES[int((clip.embed_text(texts) @ f).argmax())])
+        found_scenes.append(scene_keys[int((by_class[cls] @ f).argmax())])
+        found_classes.append(CLASSES[int((by_scene[scene] @ f).argmax())])
     return found_scenes, found_classes
 
 

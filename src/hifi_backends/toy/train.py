@@ -319,59 +319,29 @@ def stage_clip(work: Path, s: TrainSettings) -> dict[str, Any]:
     return stats
 
 
-def stage_clip_image(work: Path, s: TrainSettings) -> dict[str, Any]:
+def _clip_hard_phase(work: Path, s: TrainSettings, *, name: str, source: str, dest: str, steps: int, seed: int,
+                     group: Callable[[ToyObject], Any], freeze_text: bool, warmup: int) -> dict[str, Any]:
+    """Go on training ToyCLIP with half of the batches drawn from one ``group`` of the pool,
+    so that the negatives differ in what the group leaves free (class and look)."""
     from transformers import CLIPModel, CLIPTokenizer
 
     pool = Pool(work)
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
-    clip = CLIPModel.from_pretrained(work / "toyclip")
-    clip.text_model.requires_grad_(False)
-    clip.text_projection.requires_grad_(False)
-    params = [p for p in clip.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(s.seed + 6)
-    rng = np.random.default_rng(s.seed + 6)
-    by_scene: dict[str, list[int]] = {}
+    clip = CLIPModel.from_pretrained(work / source)
+    if freeze_text:
+        clip.text_model.requires_grad_(False)
+        clip.text_projection.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(s.seed + seed)
+    rng = np.random.default_rng(s.seed + seed)
+    groups: dict[Any, list[int]] = {}
     for k, obj in enumerate(pool.objects):
-        by_scene.setdefault(obj.scene, []).append(k)
-    scene_names = sorted(by_scene)
-
-    def step(i: int) -> float:
-        _schedule(opt, 3e-4, i, s.clip_image_steps)
-        if rng.random() < 0.5:  # one scene: the negatives differ in class and look
-            members = by_scene[scene_names[int(rng.integers(len(scene_names)))]]
-            index = torch.tensor(rng.choice(members, size=s.clip_batch, replace=len(members) < s.clip_batch))
-        else:
-            index = torch.randint(len(pool), (s.clip_batch,), generator=gen)
-        texts = [caption(pool.objects[k], rng, drop=s.caption_drop) for k in index.tolist()]
-        loss = contrastive_loss(clip, tokenizer, pool.batch(index), texts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    stats = _loop("clip_image", work, s.clip_image_steps, step, {"model": clip, "opt": opt})
-    _save_model_dir(clip, work / "toyclip_final")
-    return stats
-
-
-def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
-    from transformers import CLIPModel, CLIPTokenizer
-
-    pool = Pool(work)
-    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
-    clip = CLIPModel.from_pretrained(work / "toyclip_final")
-    opt = torch.optim.AdamW(clip.parameters(), lr=3e-4, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(s.seed + 8)
-    rng = np.random.default_rng(s.seed + 8)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for k, obj in enumerate(pool.objects):
-        groups.setdefault((obj.scene, obj.look.colour), []).append(k)
+        groups.setdefault(group(obj), []).append(k)
     keys = sorted(groups)
 
     def step(i: int) -> float:
-        _schedule(opt, 3e-4, i, s.clip_metric_steps, warmup=50)
-        if rng.random() < 0.5:  # one scene and one colour: the negatives differ in class, pattern and mark
+        _schedule(opt, 3e-4, i, steps, warmup=warmup)
+        if rng.random() < 0.5:
             members = groups[keys[int(rng.integers(len(keys)))]]
             index = torch.tensor(rng.choice(members, size=s.clip_batch, replace=len(members) < s.clip_batch))
         else:
@@ -383,9 +353,23 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
         opt.step()
         return loss.item()
 
-    stats = _loop("clip_metric", work, s.clip_metric_steps, step, {"model": clip, "opt": opt})
-    _save_model_dir(clip, work / "toyclip_metric")
+    stats = _loop(name, work, steps, step, {"model": clip, "opt": opt})
+    _save_model_dir(clip, work / dest)
     return stats
+
+
+def stage_clip_image(work: Path, s: TrainSettings) -> dict[str, Any]:
+    """The image tower on, the text tower frozen; hard batches share one scene."""
+    return _clip_hard_phase(work, s, name="clip_image", source="toyclip", dest="toyclip_final",
+                            steps=s.clip_image_steps, seed=6, group=lambda o: o.scene, freeze_text=True,
+                            warmup=100)
+
+
+def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
+    """Both towers of the metric copy; hard batches share one scene and one colour."""
+    return _clip_hard_phase(work, s, name="clip_metric", source="toyclip_final", dest="toyclip_metric",
+                            steps=s.clip_metric_steps, seed=8, group=lambda o: (o.scene, o.look.colour),
+                            freeze_text=False, warmup=50)
 
 
 def contrastive_loss(clip: Any, tokenizer: Any, images: Tensor, texts: list[str]) -> Tensor:
