@@ -28,6 +28,7 @@ from hifi import load_backend
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
 from hifi.algorithms.reference import reference_guided_sample
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
+from hifi.fastpath import ACCEL_MODES, AdamStep
 from hifi.io import atomic_path, write_json
 from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import masked_mse, ridge_to_null, splice_subject, subject_slots
@@ -103,6 +104,21 @@ class Stages:
         loss.backward()
         self.opt.step()
 
+    def accelerated_c_s_step(self, accel: str) -> Callable[[], None]:
+        """The c_s step through :class:`hifi.fastpath.AdamStep` in mode ``accel`` (its own c_s and Adam)."""
+        c_s = self.phi_s.clone().requires_grad_(True)
+
+        def loss_fn(p: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor]:
+            loss = masked_mse(self.b.denoise(x_t, t, splice_subject(self.c, p)).float(), eps.float(), self.mask)
+            return (loss + ridge_to_null(p, self.phi_s, 1e-4),)
+
+        runner = AdamStep(loss_fn, c_s, 5e-3, accel)
+
+        def step() -> None:
+            runner(*self._noisy())
+
+        return step
+
     def c_s_step_naive(self) -> None:
         """The same step written naively: text encoder in the loop, one image per forward."""
         x_t, t, eps = self._noisy()
@@ -167,7 +183,7 @@ class Stages:
 
 
 def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int,
-        loop_steps: int) -> dict[str, Any]:
+        loop_steps: int, accel: str | None = None) -> dict[str, Any]:
     s = Stages(backend, batch, num_steps)
     loops = Stages(backend, batch, loop_steps) if loop_steps != num_steps else s
     rows: list[dict[str, Any]] = []
@@ -181,6 +197,12 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
         rows.append(row)
 
     measure("c_s step (Eq. 6)", s.c_s_step, s.c_s_step_naive, "text encoder in the loop, one image per forward")
+    if accel is not None and accel != "eager":
+        fast = s.accelerated_c_s_step(accel)
+        fast_s = timed(backend, fast, repeats, warmup=3)  # the first calls compile or capture
+        eager_s = timed(backend, s.c_s_step, repeats)
+        rows.append({"stage": f"c_s step, --accel {accel}", "seconds": fast_s, "naive": "the same step eager",
+                     "naive_seconds": eager_s, "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
     if s.has_ti:
         measure("classic TI step (Eq. 2)", s.ti_step, s.c_s_step, "ratio: c_s step vs TI step")
         rows[-1]["naive"] = "c_s step (speedup = TI time / c_s time)"
@@ -239,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="results file stem")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="with --arch")
     p.add_argument("--loop-steps", type=int, default=None, help="T of the guided and null-text loops")
+    p.add_argument("--accel", default=None, choices=ACCEL_MODES,
+                   help="also time the c_s step in this fast-path mode beside the eager one (compile; graph on CUDA)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.arch:
@@ -250,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backend = load_backend(args.backend)
         label = f"{args.backend} backend"
-    result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps)
+    result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps, args.accel)
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)

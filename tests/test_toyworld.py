@@ -117,7 +117,8 @@ def test_training_script_quick_mode_writes_a_loadable_bundle(tmp_path):
     photos = torch.rand(2, 3, 64, 64) * 2 - 1
     assert build_toy_identity(model=str(out)).embed(photos).shape == (2, 128)
     assert build_toy_segmenter(model=str(out)).segment(photos, "mug").shape == (2, 64, 64)
-    assert build_toyclip(model=str(out)).embed_text(["a mug"]).shape == (1, 64)
+    clip = build_toyclip(model=str(out))
+    assert clip.embed_text(["a mug"]).shape == (1, 64) and clip.embed(photos).shape == (2, 64)
     # A second run reuses every finished stage.
     again = train_all(out, tmp_path / "work", TrainSettings.quick(), parallel=False)
     assert again["stages"]["unet"] == report["stages"]["unet"]
@@ -142,17 +143,17 @@ def test_bundle_is_small_enough():
 def test_bundled_model_follows_prompts():
     """The issue's 80% bound for the scene, on 16 samples with a margin (the full check: benchmarks.toyworld check).
 
-    The class cannot be checked this way: ToyCLIP's text tower does not tell classes apart
-    (zero-shot class recognition is 25% even on renders, chance 12.5%; see README), so a
-    class assertion would test ToyCLIP, not the model. The identity test below covers shape
-    and look through the identity embedder instead.
+    ToyCLIP itself must recognise class and scene on renders (it does: 98% and 100% on 60).
+    The class bound on generated images is not asserted because the model does not meet it:
+    27% of 60 (README), with the VAE round trip alone capping it at 55%; asserting a
+    number it does not reach would fail, asserting chance would test nothing.
     """
     from hifi.registry import load_backend
     from hifi_backends.toy.perception import load_toyclip
     from hifi_backends.toy.quality import prompt_following
 
     report = prompt_following(load_backend("toy"), load_toyclip(), samples=16, seed=1, num_steps=15)
-    assert report.renders_scene_accuracy >= 0.9
+    assert report.renders_scene_accuracy >= 0.9 and report.renders_class_accuracy >= 0.85, report
     assert report.scene_accuracy >= 0.7, report.rows
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hifi.algorithms.generate import generate
 from hifi.errors import HifiError
+from hifi.fastpath import ACCEL_MODES, AdamStep
 from hifi.kernels.ddim import add_noise, ddim_timesteps, training_target
 from hifi.kernels.losses import masked_mse, resize_mask, ridge_to_null, splice_subject, subject_slots
 from hifi.protocols import DenoiserBackend
@@ -45,6 +46,9 @@ class TuneConfig:
     row of Table 2 adds both the phi_s start and the term). ``use_mask=False`` is the
     no-mask row; ``stepwise_steps = 0`` the no-step-wise row; ``mode="classic-ti"`` the
     Textual Inversion baseline; ``mode="dreambooth"`` the DreamBooth variant.
+    ``accel`` runs the c_s steps (Eq. 6, Algorithm 1) eagerly, compiled, or as a captured
+    CUDA graph (:mod:`hifi.fastpath`); it changes speed, not the random stream, and a run
+    may resume under another mode.
     """
 
     mode: Mode = "hifi"
@@ -60,6 +64,7 @@ class TuneConfig:
     prior_preservation: bool = False
     prior_weight: float = 1.0
     num_class_images: int = 4
+    accel: str = "eager"
 
     def __attrs_post_init__(self) -> None:
         checks = [
@@ -72,6 +77,7 @@ class TuneConfig:
             (self.num_steps >= 1, "the DDIM step count must be >= 1"),
             (self.checkpoint_every >= 1, "checkpoint interval must be >= 1"),
             (self.num_class_images >= 1, "--class-images must be >= 1"),
+            (self.accel in ACCEL_MODES, f"--accel must be one of {', '.join(ACCEL_MODES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,6 +120,11 @@ class TuneResult:
     losses: list[dict[str, Any]]
     caption: str
     denoiser_state: dict[str, Tensor] | None = None
+
+
+def _same_run(resolved: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The settings that must match to resume (how fast the steps run is not one of them)."""
+    return None if resolved is None else {k: v for k, v in resolved.items() if k != "accel"}
 
 
 def caption_for(mode: Mode, class_name: str) -> str:
@@ -194,23 +205,33 @@ def _adam_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return copy.deepcopy(opt.state_dict())
 
 
-def _optimise_c_s(loop: _Loop, c: Tensor, c_s: Tensor, phi_s: Tensor, stage: str, first: int, last: int,
-                  opt: torch.optim.Optimizer, t: int | None,
-                  checkpoint: Callable[[int], dict[str, Any]] | None = None) -> None:
-    """Steps ``first..last-1`` of Eq. 6 on ``c_s`` (global stage: t random; step-wise: t fixed).
+def _c_s_loss(loop: _Loop, c: Tensor, phi_s: Tensor) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Eq. 6 as a function of c_s and the step's inputs: (loss, the Eq. 5 noise term)."""
+    backend, cfg = loop.backend, loop.config
 
+    def loss_fn(c_s: Tensor, x_t: Tensor, ts: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        pred = backend.denoise(x_t, ts, splice_subject(c, c_s))
+        noise_loss = loop.noise_loss(pred, target)
+        if cfg.reg_weight > 0:
+            return noise_loss + ridge_to_null(c_s, phi_s, cfg.reg_weight), noise_loss
+        return noise_loss, noise_loss
+
+    return loss_fn
+
+
+def _optimise_c_s(loop: _Loop, runner: AdamStep, stage: str, first: int, last: int, t: int | None,
+                  checkpoint: Callable[[int], dict[str, Any]] | None = None) -> None:
+    """Steps ``first..last-1`` of Eq. 6 on the runner's c_s (global stage: t random; step-wise: t fixed).
+
+    ``runner`` does one Adam step (eager, compiled or a CUDA graph: ``TuneConfig.accel``);
+    the noise and timesteps come from the loop's generator whatever the mode.
     ``checkpoint(next_step)`` returns the state to save every ``checkpoint_every`` steps.
     """
     cfg = loop.config
     for step in range(first, last):
         x_t, ts, target = loop.noisy_batch(t)
-        pred = loop.backend.denoise(x_t, ts, splice_subject(c, c_s))
-        noise_loss = loop.noise_loss(pred, target)
-        loss = noise_loss + ridge_to_null(c_s, phi_s, cfg.reg_weight) if cfg.reg_weight > 0 else noise_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loop.log(stage, step, _check_loss(loss, stage, step), noise=float(noise_loss.detach()),
+        loss, noise_loss = runner(x_t, ts, target)
+        loop.log(stage, step, _check_loss(loss, stage, step), noise=float(noise_loss),
                  **({"t": t} if t is not None else {}))
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < last:
             loop.save(checkpoint(step + 1))
@@ -223,8 +244,9 @@ def _tune_hifi(loop: _Loop, caption: str, resume: Mapping[str, Any] | None) -> S
         c = backend.encode_text([caption])  # once: never inside the loop
         phi_s = subject_slots(backend.null_embedding(), cfg.num_tokens)[0].float()
     start = phi_s if cfg.reg_weight > 0 else subject_slots(c, cfg.num_tokens)[0].float()
+    loss_fn = _c_s_loss(loop, c, phi_s)
     c_s = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([c_s], lr=cfg.learning_rate)
+    runner = AdamStep(loss_fn, c_s, cfg.learning_rate, cfg.accel)
     stepwise: dict[int, Tensor] = {}
     stage, first = "global", 0
     if resume is not None:
@@ -234,25 +256,28 @@ def _tune_hifi(loop: _Loop, caption: str, resume: Mapping[str, Any] | None) -> S
         stepwise = {int(k): v for k, v in resume["stepwise"].items()}
         stage, first = resume["stage"], int(resume["step"])
         if stage == "global":
-            opt.load_state_dict(resume["optimizer"])
+            runner.load_optimizer(resume["optimizer"])
 
     def global_state(next_step: int) -> dict[str, Any]:
         return {"stage": "global", "step": next_step, "c_s": c_s.detach().clone(),
-                "optimizer": _adam_state(opt), "stepwise": {}}
+                "optimizer": _adam_state(runner.optimizer), "stepwise": {}}
 
     if stage == "global":
-        _optimise_c_s(loop, c, c_s, phi_s, "global", first, cfg.total_steps, opt, None, global_state)
+        _optimise_c_s(loop, runner, "global", first, cfg.total_steps, None, global_state)
         first = 0
     global_c_s = c_s.detach().clone()
-    # Algorithm 1: for t = T..1, c_s^t starts from c_s^(t+1) and takes I steps at that t.
+    # Algorithm 1: for t = T..1, c_s^t starts from c_s^(t+1) and takes I steps at that t,
+    # each timestep with a fresh Adam (one runner, restarted: one CUDA graph in graph mode).
     timesteps = ddim_timesteps(backend.schedule, cfg.num_steps) if cfg.stepwise_steps > 0 else ()
     current = stepwise[min(stepwise)].clone() if stepwise else global_c_s.clone()
+    c_t = current.clone().requires_grad_(True)
+    runner_t: AdamStep | None = None
     for t in timesteps:
         if t in stepwise:
             continue  # finished before an interruption
-        c_t = current.clone().requires_grad_(True)
-        opt_t = torch.optim.Adam([c_t], lr=cfg.learning_rate)
-        _optimise_c_s(loop, c, c_t, phi_s, "stepwise", 0, cfg.stepwise_steps, opt_t, t)
+        runner_t = runner_t or AdamStep(loss_fn, c_t, cfg.learning_rate, cfg.accel)
+        runner_t.restart(current)
+        _optimise_c_s(loop, runner_t, "stepwise", 0, cfg.stepwise_steps, t)
         current = c_t.detach().clone()
         stepwise[t] = current
         loop.save({"stage": "stepwise", "step": 0, "c_s": global_c_s,
@@ -378,7 +403,7 @@ def tune(
     latent_masks = resize_mask(masks.to(latents.device, torch.float32), (latents.shape[-2], latents.shape[-1]))
     loop = _Loop(backend, latents, latent_masks, config, checkpointer, on_step)
     resume = checkpointer.load() if checkpointer is not None else None
-    if resume is not None and resume.get("config") != config.resolved():
+    if resume is not None and _same_run(resume.get("config")) != _same_run(config.resolved()):
         raise HifiError(
             "the checkpoint was made with other settings; resume with the same flags, or start"
             f" a new run folder (saved: {resume.get('config')}, now: {config.resolved()})"

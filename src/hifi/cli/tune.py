@@ -7,6 +7,7 @@ from typing import Any
 
 from hifi.algorithms.tune import TuneConfig
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
+from hifi.fastpath import ACCEL_MODES
 from hifi.subject import MODES
 from hifi.workflows import tune_to_run
 
@@ -16,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode, steps=args.steps, lr=args.lr, num_tokens=args.tokens, reg_weight=args.reg_weight,
         use_mask=not args.no_mask, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps,
         seed=args.seed, checkpoint_every=args.checkpoint_every, prior_preservation=args.prior_preservation,
-        num_class_images=args.class_images,
+        num_class_images=args.class_images, accel=args.accel,
     )
     backend = backend_from_args(args)
     outcome = tune_to_run(
@@ -50,6 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted tune in --out")
     p.add_argument("--prior-preservation", action="store_true", help="dreambooth: prior-preservation loss")
     p.add_argument("--class-images", type=int, default=4, help="dreambooth: class images for the prior")
+    p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
+                   help="how the c_s steps run: eager (default), compile (torch.compile), graph (CUDA graph)")
     p.add_argument("--samples", type=int, default=2, help="sample images written to RUN_DIR/samples (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -2,7 +2,11 @@
 
 The diffusion model is Stable Diffusion's shape at toy size (an ``AutoencoderKL`` with a
 factor-8 latent, a ``UNet2DConditionModel`` attending to a CLIP text tower), so the same
-generic backend code loads it. ToyCLIP is a transformers ``CLIPModel`` with small configs.
+generic backend code loads it. ToyCLIP is a transformers ``CLIPModel`` with small configs;
+the UNet attends to its text tower. The metric ToyCLIP pairs that text tower
+(``CLIPTextModelWithProjection``) with a small CNN image tower (:class:`ClipImageTower`),
+because CLIP's ViT tower did not learn object shapes on this machine's budget (see
+:func:`hifi_backends.toy.train.stage_clip_metric`).
 The identity embedder (DINO's role) and the segmenter (Grounded SAM's role) are small
 convolutional networks defined here, saved as safetensors plus a JSON config.
 """
@@ -20,6 +24,7 @@ from hifi_backends.tokenizer import build_clip_tokenizer
 
 __all__ = [
     "CONTEXT",
+    "ClipImageTower",
     "IdentityNet",
     "MaskNet",
     "build_clip",
@@ -145,3 +150,24 @@ class MaskNet(nn.Module):
         y2 = self.up2(torch.cat([up(x3, scale_factor=2.0), x2], dim=1))
         y1 = self.up1(torch.cat([up(y2, scale_factor=2.0), x1], dim=1))
         return up(y1, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+class ClipImageTower(nn.Module):
+    """The metric ToyCLIP's image tower: :class:`IdentityNet`'s convolutional body and a
+    linear projection into the text tower's ``projection_dim`` space.
+
+    Input ``[B, 3, 64, 64]`` in [0, 1]; output ``[B, projection_dim]`` (not normalised).
+    Measured here, classifying the object's class on held-out renders with a linear head,
+    batch 64: CLIP's ViT tower at toy size (4 layers over 8x8 patches, already trained by
+    the contrastive phases) reached 31% after 400 steps, a small ConvNext config 15% after
+    300, this convolutional body 99% after 300 from scratch.
+    """
+
+    def __init__(self, width: int = 16, dim: int = 128, projection_dim: int = 64) -> None:
+        super().__init__()
+        self.config = {"width": width, "dim": dim, "projection_dim": projection_dim}
+        self.body = IdentityNet(width, dim)
+        self.projection = nn.Linear(dim, projection_dim)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.projection(self.body(images))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hifi_backends.toy.backend import bundle_path
-from hifi_backends.toy.models import IdentityNet, MaskNet
+from hifi_backends.toy.models import ClipImageTower, IdentityNet, MaskNet
 
 __all__ = [
     "ToyClipEmbedder",
@@ -82,36 +82,41 @@ class ToySegmenter:
 
 @attrs.frozen(eq=False)
 class ToyClipEmbedder:
-    """ToyCLIP: ``embed(images)`` and ``embed_text(texts)`` in one space (unit norm)."""
+    """ToyCLIP: ``embed(images)`` and ``embed_text(texts)`` in one space (unit norm).
 
-    model: Any
+    ``text_model`` is a transformers ``CLIPTextModelWithProjection``; ``image_tower`` the
+    :class:`~hifi_backends.toy.models.ClipImageTower` trained against it.
+    """
+
+    text_model: Any
+    image_tower: Any
     tokenizer: Any
     name: str = "toyclip"
 
     def embed(self, images: Tensor) -> Tensor:
-        device = next(self.model.parameters()).device
-        pixels = _to_unit(images).to(device) * 2.0 - 1.0
+        device = next(self.image_tower.parameters()).device
         with torch.no_grad():
-            out = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+            out = self.image_tower(_to_unit(images).to(device))
         return F.normalize(out.float(), dim=-1).to(images.device)
 
     def embed_text(self, texts: Sequence[str]) -> Tensor:
-        device = next(self.model.parameters()).device
+        device = next(self.text_model.parameters()).device
         ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
         with torch.no_grad():
-            out = self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output)
+            out = self.text_model(input_ids=ids).text_embeds
         return F.normalize(out.float(), dim=-1).cpu()
 
 
 def load_toyclip(model: str | None = None, device: str | None = None) -> ToyClipEmbedder:
-    """ToyCLIP from the bundle (or ``model``, a ToyWorld folder)."""
-    from transformers import CLIPModel, CLIPTokenizer
+    """ToyCLIP from the bundle (or ``model``, a ToyWorld folder): ``toyclip/text`` and ``toyclip/image``."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = bundle_path(model)
-    clip = CLIPModel.from_pretrained(folder / "toyclip", dtype=torch.float32).eval().requires_grad_(False)
+    text = CLIPTextModelWithProjection.from_pretrained(folder / "toyclip" / "text", dtype=torch.float32)
+    image = _load_small(ClipImageTower, folder / "toyclip" / "image", device or "cpu")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    return ToyClipEmbedder(clip.to(device or "cpu"), tokenizer)
+    return ToyClipEmbedder(text.eval().requires_grad_(False).to(device or "cpu"), image, tokenizer)
 
 
 def build_toyclip(*, model: str | None = None, device: str | None = None, backend: Any = None,

@@ -5,7 +5,8 @@ scene drawn at random, seeded) and asks ToyCLIP which scene and which class each
 shows: the scene among all scenes (the prompt's class held fixed in the candidate texts)
 and the class among all classes (the prompt's scene held fixed). The same classifier on
 freshly rendered images (the renderer's own truth) is reported beside it, as the ceiling
-the classifier itself allows.
+the classifier itself allows, and on those renders after a round trip through the model's
+VAE (encode, decode), the ceiling the latent space allows the UNet.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class FollowingReport:
     class_accuracy: float
     renders_scene_accuracy: float
     renders_class_accuracy: float
+    vae_scene_accuracy: float
+    vae_class_accuracy: float
     rows: tuple[dict[str, Any], ...]
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,6 +76,10 @@ def prompt_following(backend: DenoiserBackend, clip: ToyClipEmbedder, samples: i
         for i, o in enumerate(objects)
     ])
     r_scenes, r_classes = classify(clip, renders, classes, scenes)
+    with torch.no_grad():
+        latents = backend.encode_images(renders.to(backend.device, backend.dtype))
+        round_trip = backend.decode_latents(latents).float().clamp(-1.0, 1.0).cpu()
+    v_scenes, v_classes = classify(clip, round_trip, classes, scenes)
     rows = tuple({"prompt": f"a {c} {SCENES[s]}", "scene": s, "class": c, "found_scene": fs, "found_class": fc}
                  for c, s, fs, fc in zip(classes, scenes, got_scenes, got_classes, strict=True))
 
@@ -80,4 +87,4 @@ def prompt_following(backend: DenoiserBackend, clip: ToyClipEmbedder, samples: i
         return float(np.mean([a == b for a, b in zip(found, truth, strict=True)]))
 
     return FollowingReport(samples, acc(got_scenes, scenes), acc(got_classes, classes), acc(r_scenes, scenes),
-                           acc(r_classes, classes), rows)
+                           acc(r_classes, classes), acc(v_scenes, scenes), acc(v_classes, classes), rows)

@@ -1,0 +1,150 @@
+"""Fixed-shape optimisation steps run eagerly, compiled, or replayed from a CUDA graph.
+
+The inner loops of the method optimise one small tensor against a frozen UNet with inputs
+whose shapes never change: c_s in Eq. 6 (the global stage and every step of Algorithm 1).
+On a GPU at batch 1 such a step is dominated by kernel launches, so capturing the whole
+step (forward, backward, Adam) once and replaying it removes most of its cost.
+
+:class:`AdamStep` is that step, in one of three modes (:data:`ACCEL_MODES`):
+
+- ``"eager"``: plain PyTorch, the reference.
+- ``"compile"``: the loss function through ``torch.compile`` (on CUDA with
+  ``mode="reduce-overhead"``, which replays CUDA graphs); Adam stays eager. Any device.
+- ``"graph"``: forward, backward and a ``capturable`` Adam captured in one
+  ``torch.cuda.CUDAGraph`` on the first call and replayed after; CUDA only. The warm-up
+  iterations capture needs are undone (the tensor and Adam's state are put back), so the
+  sequence of values is the eager one, up to floating-point reordering.
+
+Each mode takes the same inputs in the same order, drawn by the caller from its own seeded
+generator, so a switch of mode changes the speed, not the random stream; tests check the
+modes agree within tolerance (``tests/test_fastpath.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast, get_args
+
+import torch
+from torch import Tensor
+
+from hifi.errors import HifiError
+
+__all__ = ["ACCEL_MODES", "Accel", "AdamStep", "check_accel"]
+
+Accel = Literal["eager", "compile", "graph"]
+ACCEL_MODES: tuple[str, ...] = get_args(Accel)
+
+LossFn = Callable[..., tuple[Tensor, ...]]
+"""``fn(param, *inputs) -> (loss, *extras)``: the first output is minimised."""
+
+
+def check_accel(accel: str, device: torch.device | str) -> Accel:
+    """``accel`` if it is a mode this device can run, else a clear :class:`HifiError`."""
+    if accel not in ACCEL_MODES:
+        raise HifiError(f"unknown --accel {accel!r}: choose one of {', '.join(ACCEL_MODES)}")
+    if accel == "graph" and torch.device(device).type != "cuda":
+        raise HifiError(f"--accel graph captures CUDA graphs and needs a CUDA device (this backend is on {device});"
+                        " use --accel compile or eager")
+    return cast(Accel, accel)
+
+
+class AdamStep:
+    """One Adam step on ``param`` minimising ``fn(param, *inputs)[0]``, in the chosen mode.
+
+    ``param`` is a leaf tensor with ``requires_grad``; it is updated in place. Call the
+    object with the step's inputs; it returns the outputs of ``fn`` detached (the loss
+    first). :meth:`restart` starts a fresh Adam from a new value (Algorithm 1 does so at
+    every timestep); :meth:`load_optimizer` resumes a saved one.
+    """
+
+    def __init__(self, fn: LossFn, param: Tensor, lr: float, accel: str = "eager") -> None:
+        mode = check_accel(accel, param.device)
+        if not param.requires_grad or not param.is_leaf:
+            raise HifiError("AdamStep needs a leaf tensor with requires_grad")
+        self.fn, self.param, self.accel = fn, param, mode
+        self.optimizer = torch.optim.Adam([param], lr=lr, capturable=mode == "graph")
+        self._compiled: LossFn | None = None
+        self._graph: Any = None
+        self._static_in: tuple[Tensor, ...] = ()
+        self._static_out: tuple[Tensor, ...] = ()
+        if mode == "compile":
+            how = "reduce-overhead" if param.device.type == "cuda" else None
+            self._compiled = cast(LossFn, torch.compile(fn, mode=how, dynamic=False))
+
+    # -- state --------------------------------------------------------------------------------
+
+    def restart(self, value: Tensor) -> None:
+        """Set the tensor to ``value`` and Adam to its fresh state (step 0, zero moments)."""
+        with torch.no_grad():
+            self.param.copy_(value)
+        for state in self.optimizer.state.values():
+            for key, tensor in state.items():
+                if isinstance(tensor, Tensor):
+                    tensor.zero_()
+                else:
+                    state[key] = 0.0
+        if self._graph is None:
+            self.optimizer.state.clear()  # eager / compile: exactly a new Adam
+
+    def load_optimizer(self, saved: Mapping[str, Any]) -> None:
+        """Adam's state from :meth:`torch.optim.Optimizer.state_dict` (e.g. a checkpoint)."""
+        if self._graph is not None:
+            raise HifiError("load the optimizer state before the first step of a graph")
+        self.optimizer.load_state_dict(dict(saved))
+        if self.accel == "graph":
+            for state in self.optimizer.state.values():
+                if "step" in state:  # capturable Adam keeps its step count on the device
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=self.param.device)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        if self.accel == "graph":
+            return self._replay(inputs)
+        fn = self._compiled if self._compiled is not None else self.fn
+        outputs = fn(self.param, *inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs[0].backward()
+        self.optimizer.step()
+        return tuple(o.detach() for o in outputs)
+
+    def _replay(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self._graph is None:
+            self._capture(inputs)
+        for static, value in zip(self._static_in, inputs, strict=True):
+            static.copy_(value, non_blocking=True)
+        self._graph.replay()
+        return tuple(o.clone() for o in self._static_out)
+
+    def _capture(self, inputs: tuple[Tensor, ...], warmup: int = 3) -> None:
+        """Capture forward, backward and Adam in one CUDA graph (PyTorch's whole-network recipe)."""
+        self._static_in = tuple(x.detach().clone() for x in inputs)
+        before = self.param.detach().clone()
+        fresh = not self.optimizer.state
+        saved = {k: (v.clone() if isinstance(v, Tensor) else v)
+                 for state in self.optimizer.state.values() for k, v in state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lets autograd and Adam allocate their state
+            for _ in range(warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.fn(self.param, *self._static_in)[0].backward()
+                self.optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            outputs = self.fn(self.param, *self._static_in)
+            outputs[0].backward()
+            self.optimizer.step()
+        self._graph, self._static_out = graph, tuple(o.detach() for o in outputs)
+        # Undo the warm-up: the value and Adam's state as they were before it.
+        with torch.no_grad():
+            self.param.copy_(before)
+            for state in self.optimizer.state.values():
+                for key, tensor in state.items():
+                    if fresh:
+                        tensor.zero_()
+                    else:
+                        tensor.copy_(torch.as_tensor(saved[key], dtype=tensor.dtype, device=tensor.device))
