@@ -44,7 +44,9 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     errors divided by ``C * sum(M)``, i.e. the mean squared error over the subject's
     latent cells. So a mask of ones gives exactly ``F.mse_loss(pred, target)``, and the
     loss scale does not depend on how large the subject is in the photo. Cells outside
-    the mask receive no gradient. An all-zero mask is an error (nothing to learn from).
+    the mask receive no gradient. An all-zero mask is an error (nothing to learn from);
+    that check reads the sum back, so it is skipped inside ``torch.compile`` and CUDA-graph
+    capture (:mod:`hifi.fastpath`), where callers check their masks once beforehand.
     """
     if mask.shape[0] != pred.shape[0] or mask.shape[-2:] != pred.shape[-2:]:
         raise ValueError(
@@ -53,9 +55,16 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         )
     weight = mask.to(pred.dtype)
     denom = weight.sum() * pred.shape[1]
-    if float(denom) <= 0:
+    if not _tracing() and float(denom) <= 0:
         raise ValueError("the subject mask is empty: every pixel is background")
     return (weight * (pred - target) ** 2).sum() / denom
+
+
+def _tracing() -> bool:
+    """Inside torch.compile or a CUDA-graph capture, where reading a value back is not allowed."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def ridge_to_null(c_s: Tensor, phi_s: Tensor, w_s: float) -> Tensor:
