@@ -98,3 +98,16 @@ def test_graph_step_matches_eager_on_cuda():
     torch.testing.assert_close(p_graph, p_eager, rtol=1e-4, atol=1e-5)
     eager, graph = _tune("eager", "cuda"), _tune("graph", "cuda")
     torch.testing.assert_close(graph.subject.c_s.cpu(), eager.subject.c_s.cpu(), rtol=1e-3, atol=1e-4)
+
+
+def test_the_commands_pass_accel_on_and_refuse_graph_without_cuda(tmp_path, capsys):
+    from hifi.cli import main
+    from hifi.evaluation import METHODS, EvalSettings
+    from hifi.synthetic import draw_subject_photos
+
+    assert EvalSettings(accel="compile").tune_config(METHODS["hifi"]).accel == "compile"
+    photos, _ = draw_subject_photos(tmp_path / "photos")
+    code = main(["tune", "--subject", str(photos), "--class-name", "box", "--out", str(tmp_path / "run"),
+                 "--backend", "tiny", "--steps", "2", "--accel", "graph", "--quiet"])
+    assert code == 2 and "needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

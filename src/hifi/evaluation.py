@@ -142,6 +142,8 @@ class EvalSettings:
     reference: ReferenceSettings = ReferenceSettings()
     learning_rates: tuple[tuple[str, float], ...] = ()
     """Per tuning mode, a learning rate other than the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
+    accel: str = "eager"
+    """How the c_s steps of the tunes run (:mod:`hifi.fastpath`); the results do not depend on it."""
 
     def tune_config(self, method: Method) -> TuneConfig:
         assert method.mode is not None
@@ -150,6 +152,7 @@ class EvalSettings:
             steps=self.steps, lr=dict(self.learning_rates).get(method.mode),
             use_mask=method.use_mask, reg_weight=method.reg_weight,
             stepwise_steps=self.stepwise_steps if method.stepwise else 0, num_steps=self.num_steps, seed=self.seed,
+            accel=self.accel,
         )
 
 

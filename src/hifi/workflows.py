@@ -21,6 +21,7 @@ from hifi.algorithms.generate import generate
 from hifi.algorithms.reference import References, prepare_references
 from hifi.algorithms.tune import TuneConfig, caption_for, tune
 from hifi.errors import HifiError
+from hifi.fastpath import check_accel
 from hifi.io import image_to_tensor, list_images, load_image, make_grid, mask_to_tensor, save_image, tensor_to_image
 from hifi.perception import ImageEmbedder
 from hifi.protocols import DenoiserBackend
@@ -135,6 +136,7 @@ def tune_to_run(
     run_dir = Path(out)
     if not class_name.strip():
         raise HifiError("--class-name must not be empty")
+    check_accel(config.accel, backend.device)  # before anything is written
     checkpointer = FolderCheckpointer(run_dir / "checkpoint")
     if not resume and ((run_dir / "run.json").exists() or checkpointer.index.exists()):
         raise HifiError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.cli.common import add_backend_flags, backend_from_args
 from hifi.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth, summary_markdown
+from hifi.fastpath import ACCEL_MODES
 
 
 def _distributed() -> tuple[int, int, str | None]:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         subjects=tuple(s for s in (args.subjects or "").split(",") if s),
         prompts=args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
         stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps, seed=args.seed, masks=args.masks,
-        learning_rates=((METHODS[args.method].mode or "", args.lr),) if args.lr else (),
+        learning_rates=((METHODS[args.method].mode or "", args.lr),) if args.lr else (), accel=args.accel,
         reference=ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                     phi_steps=args.phi_steps),
     )
@@ -100,6 +101,8 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=None, help="tune steps (default: the method's)")
     p.add_argument("--lr", type=float, default=None, help="tuning learning rate (default: the method's mode's)")
     p.add_argument("--stepwise-steps", type=int, default=10)
+    p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
+                   help="how the tunes' c_s steps run: eager, compile, graph (CUDA); same results")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", default="none", help="none, auto, or DIR with DIR/<subject>/<photo>.png masks")
