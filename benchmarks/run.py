@@ -95,11 +95,14 @@ class Stages:
         eps = torch.randn_like(self.x0)
         return add_noise(self.x0, eps, self.alphas[t].to(self.x0)), t.to(self.x0.device), eps
 
+    def _c_s_loss(self, c_s: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Eq. 6 with the caption encoded once and all images in one batch."""
+        loss = masked_mse(self.b.denoise(x_t, t, splice_subject(self.c, c_s)).float(), eps.float(), self.mask)
+        return loss + ridge_to_null(c_s, self.phi_s, 1e-4)
+
     def c_s_step(self) -> None:
-        """One step of Eq. 6: caption encoded once, all images in one batch."""
-        x_t, t, eps = self._noisy()
-        loss = masked_mse(self.b.denoise(x_t, t, splice_subject(self.c, self.c_s)).float(), eps.float(), self.mask)
-        loss = loss + ridge_to_null(self.c_s, self.phi_s, 1e-4)
+        """One step of Eq. 6, eager."""
+        loss = self._c_s_loss(self.c_s, *self._noisy())
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -107,12 +110,7 @@ class Stages:
     def accelerated_c_s_step(self, accel: str) -> Callable[[], None]:
         """The c_s step through :class:`hifi.fastpath.AdamStep` in mode ``accel`` (its own c_s and Adam)."""
         c_s = self.phi_s.clone().requires_grad_(True)
-
-        def loss_fn(p: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor]:
-            loss = masked_mse(self.b.denoise(x_t, t, splice_subject(self.c, p)).float(), eps.float(), self.mask)
-            return (loss + ridge_to_null(p, self.phi_s, 1e-4),)
-
-        runner = AdamStep(loss_fn, c_s, 5e-3, accel)
+        runner = AdamStep(lambda p, *inputs: (self._c_s_loss(p, *inputs),), c_s, 5e-3, accel)
 
         def step() -> None:
             runner(*self._noisy())

@@ -78,14 +78,12 @@ class AdamStep:
         """Set the tensor to ``value`` and Adam to its fresh state (step 0, zero moments)."""
         with torch.no_grad():
             self.param.copy_(value)
-        for state in self.optimizer.state.values():
-            for key, tensor in state.items():
-                if isinstance(tensor, Tensor):
-                    tensor.zero_()
-                else:
-                    state[key] = 0.0
         if self._graph is None:
-            self.optimizer.state.clear()  # eager / compile: exactly a new Adam
+            self.optimizer.state.clear()  # exactly a new Adam
+            return
+        for state in self.optimizer.state.values():  # a graph replays on these very tensors
+            for tensor in state.values():
+                tensor.zero_()
 
     def load_optimizer(self, saved: Mapping[str, Any]) -> None:
         """Adam's state from :meth:`torch.optim.Optimizer.state_dict` (e.g. a checkpoint)."""
