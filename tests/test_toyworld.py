@@ -173,3 +173,17 @@ def test_identity_metric_separates_subjects():
         other += [float((feats[a] @ feats[b].T).mean()) for b in feats if b != a]
     assert min(same) > max(other) - 0.05 and np.mean(same) - np.mean(other) > 0.2
     assert all(math.isfinite(x) for x in same + other)
+
+
+def test_toyclip_of_an_older_layout_is_one_clear_error(tmp_path):
+    import shutil
+
+    from hifi.errors import ModelNotFoundError
+    from hifi_backends.toy.perception import load_toyclip
+
+    folder = tmp_path / "old"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "toyclip").mkdir()
+    shutil.copy(BUNDLE / "toyclip" / "text" / "config.json", folder / "toyclip" / "config.json")
+    with pytest.raises(ModelNotFoundError, match="hifi_backends.toy.train"):
+        load_toyclip(str(folder))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hifi.errors import ModelNotFoundError
 from hifi_backends.toy.backend import bundle_path
 from hifi_backends.toy.models import ClipImageTower, IdentityNet, MaskNet
 
@@ -113,6 +114,12 @@ def load_toyclip(model: str | None = None, device: str | None = None) -> ToyClip
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = bundle_path(model)
+    if not (folder / "toyclip" / "text").is_dir() or not (folder / "toyclip" / "image").is_dir():
+        raise ModelNotFoundError(
+            f"{folder / 'toyclip'} has no text/ and image/ folders (a ToyWorld folder from before the metric"
+            f" ToyCLIP got its CNN image tower?): rebuild it with `python -m hifi_backends.toy.train --work WORK"
+            f" --out {folder}`; finished stages in WORK are reused"
+        )
     text = CLIPTextModelWithProjection.from_pretrained(folder / "toyclip" / "text", dtype=torch.float32)
     image = _load_small(ClipImageTower, folder / "toyclip" / "image", device or "cpu")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")

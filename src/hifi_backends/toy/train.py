@@ -379,7 +379,8 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
         return loss.item() + s.clip_metric_swap * swap.item()
 
     stats = _loop("clip_metric", work, s.clip_metric_steps, step,
-                  {"text": text, "image": image, "scale": _ParamModule(log_scale), "opt": opt})
+                  {"text": text, "image": image, "scale": torch.nn.ParameterDict({"log_scale": log_scale}),
+                   "opt": opt})
     dest, tmp = work / "toyclip_metric", work / ".toyclip_metric.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     text.save_pretrained(tmp / "text", safe_serialization=True)
@@ -387,14 +388,6 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # the stage counts as done once this folder exists
     return stats
-
-
-class _ParamModule(torch.nn.Module):
-    """A lone parameter with a ``state_dict``, for the checkpoint."""
-
-    def __init__(self, param: torch.nn.Parameter) -> None:
-        super().__init__()
-        self.param = param
 
 
 def _token_ids(tokenizer: Any, texts: list[str]) -> Tensor:
