@@ -12,10 +12,12 @@ Report ratios from one run side by side; absolute times are only meaningful on a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,8 @@ from hifi import load_backend
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
 from hifi.algorithms.reference import reference_guided_sample
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
-from hifi.fastpath import ACCEL_MODES, AdamStep
+from hifi.algorithms.tune import TuneConfig, tune
+from hifi.fastpath import ACCEL_MODES, AdamStep, accelerate_model
 from hifi.io import atomic_path, write_json
 from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import masked_mse, ridge_to_null, splice_subject, subject_slots
@@ -87,7 +90,7 @@ class Stages:
         self.has_ti = add is not None
         if add is not None:
             add(PLACEHOLDER)
-            self.vector = backend.input_embedding("dog").float().requires_grad_(True)  # type: ignore[attr-defined]
+            self.vector = backend.input_embedding("dog").float().requires_grad_(True)
             self.ti_opt = torch.optim.Adam([self.vector], lr=5e-3)
 
     def _noisy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,10 +145,22 @@ class Stages:
         for _ in ddim_timesteps(self.b.schedule, self.n):
             (self.c_s_step_naive if naive else self.c_s_step)()
 
-    def generation(self) -> None:
+    def cfg_forward(self, accel: str = "eager") -> Callable[[], None]:
+        """One classifier-free-guided UNet forward (both branches, one batch of 2), in mode ``accel``."""
+        model = accelerate_model(self.b.denoise, self.b.device, accel)
+        x, emb = torch.cat([self.x0[:1]] * 2), torch.cat([self.phi, self.c])
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(x, 500, emb)
+
+        return forward
+
+    def generation(self, accel: str = "eager") -> None:
         """N-step DDIM with guidance: both branches in one batched call."""
+        model = accelerate_model(self.b.denoise, self.b.device, accel)
         with torch.no_grad():
-            ddim_sample(self.b.denoise, self.b.schedule, self.x0[:1], self.c, uncond=self.phi, num_steps=self.n)
+            ddim_sample(model, self.b.schedule, self.x0[:1], self.c, uncond=self.phi, num_steps=self.n)
 
     def generation_naive(self) -> None:
         """The same with the conditional and unconditional branches as two calls."""
@@ -161,7 +176,7 @@ class Stages:
         with torch.no_grad():
             ddim_invert(self.b.denoise, self.b.schedule, self.x0[:1], self.c, num_steps=self.n)
 
-    def guided(self, naive: bool = False) -> None:
+    def guided(self, naive: bool = False, accel: str = "eager") -> None:
         """Algorithm 2's loop (t_s..t_e with J phi_h steps), the stage reference guidance adds."""
         s = self.b.schedule
         with torch.no_grad():
@@ -172,19 +187,50 @@ class Stages:
         reference_guided_sample(
             self.b.denoise, s, torch.randn_like(self.x0[:1]), self.c, trajectory, mask, uncond=self.phi,
             guidance=7.5, num_steps=self.n, t_start=t_start, t_end=t_end, phi_steps=10, phi_lr=1e-2, naive=naive,
+            accel=accel,
         )
 
-    def null_text(self, naive: bool = False) -> None:
+    def null_text(self, naive: bool = False, accel: str = "eager") -> None:
         """Null-text inversion (Eq. 4), K = 10, no early stop."""
         config = NullTextConfig(num_steps=self.n, inner_steps=10, tolerance=0.0, naive=naive)
-        null_text_inversion(self.b.denoise, self.b.schedule, self.x0[:1], self.c, self.phi, config)
+        null_text_inversion(self.b.denoise, self.b.schedule, self.x0[:1], self.c, self.phi, config, accel=accel)
+
+    def full_tune(self, accel: str = "eager", images: int = 3) -> None:
+        """A default tune (TuneConfig(): the global stage, then Algorithm 1's I x T steps) on ``images`` photos."""
+        g = torch.Generator().manual_seed(0)
+        side = self.b.resolution
+        photos = (torch.rand(images, 3, side, side, generator=g) * 2 - 1).to(self.b.device)
+        tune(self.b, photos, "dog", config=TuneConfig(accel=accel))
+
+
+class _Rows(list[dict[str, Any]]):
+    """The result rows; each is also written to stderr as it comes (a run cut short keeps them)."""
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
 
 
 def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int,
-        loop_steps: int, accel: str | None = None) -> dict[str, Any]:
+        loop_steps: int, accel: str | None = None, naive_loops: bool = True, full_tune: bool = False,
+        full_tune_only: bool = False, full_tune_images: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """Every stage beside its naive twin; with ``accel``, each fast-path stage beside its eager self.
+
+    ``naive_loops=False`` skips the naive twins of the two long loops (Algorithm 2 and
+    null-text inversion); ``full_tune`` also times a default tune, eager and in mode ``accel``;
+    ``full_tune_only`` times only that, once for each photo count in ``full_tune_images``.
+    """
     s = Stages(backend, batch, num_steps)
+    rows: list[dict[str, Any]] = _Rows()
+    if full_tune_only:
+        for images in full_tune_images:
+            stage = f"full default tune (1000 + 10 x 50 steps, {images} image{'s' if images > 1 else ''} a step)"
+            fast_s = timed(backend, functools.partial(s.full_tune, accel or "eager", images), 1, warmup=0)
+            eager_s = timed(backend, functools.partial(s.full_tune, "eager", images), 1, warmup=0)
+            rows.append({"stage": f"{stage}, --accel {accel}", "seconds": fast_s, "naive": "the same, eager",
+                         "naive_seconds": eager_s, "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
+        return _result(backend, label, batch, num_steps, repeats, rows)
     loops = Stages(backend, batch, loop_steps) if loop_steps != num_steps else s
-    rows: list[dict[str, Any]] = []
 
     def measure(stage: str, fast: Callable[[], Any], naive: Callable[[], Any] | None, naive_label: str) -> None:
         fast_s = timed(backend, fast, repeats)
@@ -210,14 +256,47 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
     measure(f"{num_steps}-step generation (CFG)", s.generation, s.generation_naive, "CFG branches as two calls")
     measure(f"DDIM inversion, {num_steps} steps", s.inversion, None, "")
     guided_repeats = max(1, repeats // 2)
-    fast_s, naive_s = (timed(backend, lambda n=n: loops.guided(naive=n), guided_repeats) for n in (False, True))
-    rows.append({"stage": f"reference-guided loop (Algorithm 2), J=10, T={loop_steps}", "seconds": fast_s,
-                 "naive": "conditional branch recomputed with gradients", "naive_seconds": naive_s,
-                 "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
-    fast_s, naive_s = (timed(backend, lambda n=n: loops.null_text(naive=n), guided_repeats) for n in (False, True))
-    rows.append({"stage": f"null-text inversion (Eq. 4), K=10, T={loop_steps}", "seconds": fast_s,
-                 "naive": "conditional branch recomputed with gradients", "naive_seconds": naive_s,
-                 "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
+    long_loops = {
+        f"reference-guided loop (Algorithm 2), J=10, T={loop_steps}": loops.guided,
+        f"null-text inversion (Eq. 4), K=10, T={loop_steps}": loops.null_text,
+    }
+    for stage, loop in long_loops.items():
+        if naive_loops:
+            fast_s, naive_s = (timed(backend, functools.partial(loop, naive=n), guided_repeats) for n in (False, True))
+            rows.append({"stage": stage, "seconds": fast_s, "naive": "conditional branch recomputed with gradients",
+                         "naive_seconds": naive_s, "speedup": naive_s / fast_s, "peak_mb": _peak_mb(backend)})
+        else:
+            rows.append({"stage": stage, "seconds": timed(backend, loop, guided_repeats, warmup=0),
+                         "peak_mb": _peak_mb(backend)})
+    if accel is not None and accel != "eager":
+        # Each stage in mode `accel` beside the same stage eager, timed one after the other
+        # (the long loops' eager times are the rows above, from this run). A loop captures
+        # (or compiles) its graphs inside every call: that cost is in its time.
+        beside: list[tuple[str, Callable[[], Any], Callable[[], Any] | float, int, int]] = [
+            ("CFG forward (batch 2)", s.cfg_forward(accel), s.cfg_forward("eager"), repeats, 3),
+            (f"{num_steps}-step generation (CFG)", lambda: s.generation(accel), s.generation, repeats, 1),
+        ]
+        eager_rows = {r["stage"]: r["seconds"] for r in rows}
+        beside += [(stage, functools.partial(loop, accel=accel), eager_rows[stage], guided_repeats, 0)
+                   for stage, loop in long_loops.items()]
+        if full_tune:
+            beside.append(("full default tune (1000 + 10 x 50 steps, 3 images)", lambda: s.full_tune(accel),
+                           s.full_tune, 1, 0))
+        for stage, fast, eager, n, warmup in beside:
+            name = f"{stage}, --accel {accel}"
+            try:
+                fast_s = timed(backend, fast, n, warmup=warmup)
+                eager_s = eager if isinstance(eager, float) else timed(backend, eager, n, warmup=warmup)
+            except Exception as error:  # a failed fast path is a result too: say so, keep the other rows
+                rows.append({"stage": name, "error": f"{type(error).__name__}: {error}"[:500]})
+                continue
+            rows.append({"stage": name, "seconds": fast_s, "naive": "the same, eager",
+                         "naive_seconds": eager_s, "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
+    return _result(backend, label, batch, num_steps, repeats, rows)
+
+
+def _result(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int,
+            rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "label": label, "backend": backend.name, "model_id": backend.model_id, "device": str(backend.device),
         "dtype": str(backend.dtype), "resolution": backend.resolution, "batch": batch, "num_steps": num_steps,
@@ -241,6 +320,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | failed: {r['error']} | | | | |")
+            continue
         naive = r.get("naive", "")
         naive_s = f"{r['naive_seconds']:.4f}" if "naive_seconds" in r else ""
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
@@ -260,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="with --arch")
     p.add_argument("--loop-steps", type=int, default=None, help="T of the guided and null-text loops")
     p.add_argument("--accel", default=None, choices=ACCEL_MODES,
-                   help="also time the c_s step in this fast-path mode beside the eager one (compile; graph on CUDA)")
+                   help="also time each fast-path stage in this mode beside the eager one (compile; graph on CUDA)")
+    p.add_argument("--no-naive-loops", action="store_true",
+                   help="skip the naive twins of Algorithm 2 and null-text inversion (they are the slowest rows)")
+    p.add_argument("--full-tune", action="store_true", help="with --accel: time a default tune, eager and accelerated")
+    p.add_argument("--full-tune-only", type=int, nargs="+", default=None, metavar="PHOTOS",
+                   help="time only default tunes on this many photos (each count), eager and with --accel")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.arch:
@@ -272,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backend = load_backend(args.backend)
         label = f"{args.backend} backend"
-    result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps, args.accel)
+    result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps, args.accel,
+                 naive_loops=not args.no_naive_loops, full_tune=args.full_tune,
+                 full_tune_only=args.full_tune_only is not None, full_tune_images=tuple(args.full_tune_only or (1,)))
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)

@@ -1,11 +1,14 @@
 """Fixed-shape optimisation steps run eagerly, compiled, or replayed from a CUDA graph.
 
 The inner loops of the method optimise one small tensor against a frozen UNet with inputs
-whose shapes never change: c_s in Eq. 6 (the global stage and every step of Algorithm 1).
-On a GPU at batch 1 such a step is dominated by kernel launches, so capturing the whole
-step (forward, backward, Adam) once and replaying it removes most of its cost.
+whose shapes never change: c_s in Eq. 6 (the global stage and every step of Algorithm 1),
+phi_h in Eq. 10 (Algorithm 2), phi_t in Eq. 4 (null-text inversion). On a GPU at batch 1
+such a step is dominated by kernel launches, so capturing the whole step (forward,
+backward, Adam) once and replaying it removes most of its cost. The same holds for the
+no-gradient forwards of sampling and inversion (the CFG forward of Eq. 1 and 7).
 
-:class:`AdamStep` is that step, in one of three modes (:data:`ACCEL_MODES`):
+:class:`AdamStep` is that step, and :class:`StaticCall` (:func:`accelerate_model`) that
+forward, each in one of three modes (:data:`ACCEL_MODES`):
 
 - ``"eager"``: plain PyTorch, the reference.
 - ``"compile"``: the loss function through ``torch.compile`` (on CUDA with
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from hifi.errors import HifiError
 
-__all__ = ["ACCEL_MODES", "Accel", "AdamStep", "check_accel"]
+__all__ = ["ACCEL_MODES", "Accel", "AdamStep", "StaticCall", "accelerate_model", "check_accel", "timestep_tensor"]
 
 Accel = Literal["eager", "compile", "graph"]
 ACCEL_MODES: tuple[str, ...] = get_args(Accel)
@@ -98,14 +101,15 @@ class AdamStep:
     # -- the step -----------------------------------------------------------------------------
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        if self.accel == "graph":
-            return self._replay(inputs)
-        fn = self._compiled if self._compiled is not None else self.fn
-        outputs = fn(self.param, *inputs)
-        self.optimizer.zero_grad(set_to_none=True)
-        outputs[0].backward()
-        self.optimizer.step()
-        return tuple(o.detach() for o in outputs)
+        with torch.enable_grad():  # a step differentiates, whatever the caller's mode
+            if self.accel == "graph":
+                return self._replay(inputs)
+            fn = self._compiled if self._compiled is not None else self.fn
+            outputs = fn(self.param, *inputs)
+            self.optimizer.zero_grad(set_to_none=True)
+            outputs[0].backward()
+            self.optimizer.step()
+            return tuple(o.detach() for o in outputs)
 
     def _replay(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self._graph is None:
@@ -146,3 +150,76 @@ class AdamStep:
                         tensor.zero_()
                     else:
                         tensor.copy_(torch.as_tensor(saved[key], dtype=tensor.dtype, device=tensor.device))
+
+
+# -- no-gradient forwards -------------------------------------------------------------------
+
+
+def timestep_tensor(t: int | Tensor, device: torch.device) -> Tensor:
+    """A timestep as a 0-d int64 tensor on ``device`` (a graph's input instead of a baked-in number)."""
+    return torch.as_tensor(t, dtype=torch.int64, device=device)
+
+
+class StaticCall:
+    """``fn(*inputs)`` without gradients, eagerly, compiled, or replayed from a CUDA graph.
+
+    In ``"graph"`` mode each new combination of input shapes and dtypes is captured once
+    (after a warm-up call on a side stream, as PyTorch's recipe asks) and replayed after:
+    the inputs are copied into the graph's static tensors and the outputs cloned out, so a
+    caller may keep them. Calls made while gradients are enabled run ``fn`` eagerly: a
+    captured graph has no autograd. Every input must be a tensor on the graph's device.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], device: torch.device | str, accel: str = "eager") -> None:
+        self.fn, self.device = fn, torch.device(device)
+        self.accel = check_accel(accel, self.device)
+        self._compiled: Callable[..., Tensor] | None = None
+        self._graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
+        if self.accel == "compile":
+            how = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = cast(Callable[..., Tensor], torch.compile(fn, mode=how, dynamic=False))
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or self.accel == "eager":
+            return self.fn(*inputs)
+        if self._compiled is not None:
+            return self._compiled(*inputs).clone()
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(inputs)
+        graph, static_in, static_out = self._graphs[key]
+        for static, value in zip(static_in, inputs, strict=True):
+            static.copy_(value, non_blocking=True)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, inputs: tuple[Tensor, ...]) -> tuple[Any, tuple[Tensor, ...], Tensor]:
+        static_in = tuple(x.detach().clone() for x in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.fn(*static_in)  # warm-up: lazy initialisation and workspace allocation
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(*static_in)
+        return graph, static_in, static_out
+
+
+def accelerate_model(model: Callable[[Tensor, Any, Tensor], Tensor], device: torch.device | str,
+                     accel: str = "eager") -> Callable[[Tensor, Any, Tensor], Tensor]:
+    """A denoiser ``model(x_t, t, cond)`` whose no-gradient calls run in mode ``accel``.
+
+    The timestep becomes a device tensor, so one captured graph serves every step of a
+    loop; calls with gradients enabled go to ``model`` itself. ``"eager"`` returns
+    ``model`` unchanged.
+    """
+    if check_accel(accel, device) == "eager":
+        return model
+    dev = torch.device(device)
+    call = StaticCall(lambda x, t, cond: model(x, t, cond), dev, accel)
+
+    def fast(x: Tensor, t: Any, cond: Tensor) -> Tensor:
+        return call(x, timestep_tensor(t, dev), cond)
+
+    return fast

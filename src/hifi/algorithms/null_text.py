@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, ddim_sample, guided_output
 from hifi.errors import HifiError
+from hifi.fastpath import AdamStep, accelerate_model, timestep_tensor
 from hifi.kernels.ddim import Schedule, cfg_combine, ddim_step, ddim_timesteps
 
 __all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_sample"]
@@ -102,46 +103,64 @@ def null_text_inversion(
     config: NullTextConfig | None = None,
     *,
     progress: bool = False,
+    accel: str = "eager",
 ) -> NullTextInversion:
     """Invert ``x_0`` ``[1, C, h, w]`` under caption ``cond`` and learn one phi_t per step (Eq. 4).
 
     ``uncond`` is phi ``[1, L, D]``, the start of phi_T. Each step takes at most K
     (``config.inner_steps``) Adam updates and stops early once the loss is below
     ``config.tolerance``. phi is optimised in float32 whatever the model's dtype.
+    ``accel`` (:mod:`hifi.fastpath`) runs the inversion's forwards and the phi_t steps
+    eagerly, compiled, or as CUDA graphs; the numbers are the eager ones within tolerance.
     """
     config = config or NullTextConfig()
     num_steps, guidance = config.num_steps, config.guidance
     timesteps = ddim_timesteps(schedule, num_steps)
     stride = schedule.stride(num_steps)
+    device = x_0.device
+    fast = accelerate_model(model, device, accel)
     with torch.no_grad():
-        trajectory = ddim_invert(model, schedule, x_0, cond, num_steps=num_steps)
+        trajectory = ddim_invert(fast, schedule, x_0, cond, num_steps=num_steps)
+
+    def f_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, target: Tensor,
+            *out_cond: Tensor) -> tuple[Tensor, Tensor]:
+        """F^(t)(x_t, c, phi_t) and Eq. 4 as a function of tensors only (the step AdamStep runs)."""
+        if out_cond:  # the conditional branch computed once per step, without gradients
+            out = cfg_combine(out_cond[0], model(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
+        else:  # the naive way: both branches, with gradients, at every update
+            out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
+        x_prev = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range)
+        return F.mse_loss(x_prev.float(), target), x_prev
+
     phi = uncond.detach().float()
+    param = phi.clone().requires_grad_(True)
+    runner = AdamStep(f_h, param, config.lr, accel)
     phis: list[Tensor] = []
     losses: list[float] = []
     iterations: list[int] = []
     x = trajectory[-1]
     for i, t in enumerate(tqdm(timesteps, desc="null-text inversion", disable=not progress, leave=False)):
-        alpha_t, alpha_prev = schedule.alpha(t), schedule.alpha(t - stride)
+        alphas = torch.tensor([schedule.alpha(t), schedule.alpha(t - stride)], dtype=torch.float32, device=device)
         target = trajectory[num_steps - 1 - i].float()
+        t_dev = timestep_tensor(t, device)
         with torch.no_grad():
-            out_cond = None if config.naive else model(x, t, cond)
-        phi = phi.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([phi], lr=config.lr)
-        with torch.enable_grad():
-            # K updates need K + 1 evaluations; the last one is also the step to x_{t-1}.
-            for k in range(config.inner_steps + 1):
-                if out_cond is None:
-                    out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)
-                else:
-                    out = cfg_combine(out_cond, model(x, t, phi.to(x.dtype)), guidance)
-                x_prev = ddim_step(out, x, alpha_t, alpha_prev, schedule.prediction_type, schedule.clip_sample_range)
-                loss = F.mse_loss(x_prev.float(), target)
-                if k == config.inner_steps or loss.item() < config.tolerance:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        phi = phi.detach()
+            out_cond = () if config.naive else (fast(x, t, cond),)
+        inputs = (x, t_dev, alphas[0], alphas[1], target, *out_cond)
+        runner.restart(phi)  # a fresh Adam for each step, from phi_{t+1}*
+        # K updates need K + 1 evaluations: each update returns the loss and x_{t-1} at the
+        # value it started from; a step that stops early puts that value back.
+        for k in range(config.inner_steps + 1):
+            if k == config.inner_steps:
+                with torch.no_grad():
+                    loss, x_prev = f_h(runner.param, *inputs)
+                break
+            before = runner.param.detach().clone() if config.tolerance > 0 else None
+            loss, x_prev = runner(*inputs)
+            if before is not None and loss.item() < config.tolerance:
+                with torch.no_grad():
+                    runner.param.copy_(before)
+                break
+        phi = runner.param.detach().clone()
         phis.append(phi.to(uncond.dtype))
         losses.append(loss.item())
         iterations.append(k)

@@ -23,7 +23,6 @@ runs from the 11th denoising step to the 41st, 31 steps.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 
 import attrs
@@ -35,6 +34,7 @@ from hifi.algorithms.generate import generate, initial_noise, step_conditions
 from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, guided_output, per_step
 from hifi.attention import AttentionStore, observed_attention
 from hifi.errors import HifiError
+from hifi.fastpath import AdamStep, accelerate_model, timestep_tensor
 from hifi.kernels.ddim import Schedule, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.latents import binarize_mask, substitute_masked
 from hifi.kernels.losses import masked_mse, resize_mask
@@ -107,7 +107,8 @@ class ReferenceSettings:
     """The knobs of reference-guided generation; defaults are the paper's (Section 4).
 
     ``naive=True`` recomputes both guidance branches with gradients in every phi_h step
-    (for benchmarks; same result), see :func:`reference_guided_sample`.
+    (for benchmarks; same result), see :func:`reference_guided_sample`. ``accel`` runs the
+    forwards and the phi_h steps eagerly, compiled, or as CUDA graphs (:mod:`hifi.fastpath`).
     """
 
     guidance: float = 7.5
@@ -117,6 +118,7 @@ class ReferenceSettings:
     phi_steps: int = 10
     phi_lr: float = 1e-2
     naive: bool = False
+    accel: str = "eager"
 
     def check(self) -> None:
         check_guidance_window(self.num_steps, self.t_start, self.t_end, self.phi_steps, self.phi_lr)
@@ -167,11 +169,14 @@ def first_pass(
     num_steps: int = 50,
     record_attention: bool = True,
     progress: bool = False,
+    accel: str = "eager",
 ) -> FirstPass:
     """Step 1 of Section 3.3: x_T from ``seed`` and I_g1 by Eq. 7 (exactly ``generate(..., [seed])``).
 
     With ``record_attention`` the subject tokens' cross-attention of the late steps is
-    recorded through :func:`~hifi.attention.observed_attention`, which changes no number.
+    recorded through :func:`~hifi.attention.observed_attention`, which changes no number;
+    a pass that records runs eagerly (the recording is Python code in every forward), one
+    that does not runs in mode ``accel``.
     """
     store = AttentionStore(max_queries=ATTENTION_MAX_QUERIES)
     first_recorded = int(num_steps * ATTENTION_FROM)
@@ -188,7 +193,7 @@ def first_pass(
         recording = observed_attention(backend, late_steps) if record_attention else contextlib.nullcontext()
         with recording:
             drawn = generate(backend, subject, prompt, [seed], guidance=guidance, num_steps=num_steps,
-                             callback=callback)
+                             callback=callback, accel="eager" if record_attention else accel)
     positions: tuple[int, ...] = ()
     attention = None
     if record_attention:
@@ -285,18 +290,20 @@ def align_reference(image: Tensor, mask: Tensor, generated_mask: Tensor) -> Alig
 
 
 def invert_reference(
-    backend: DenoiserBackend, image: Tensor, caption: str, *, num_steps: int = 50, progress: bool = False
+    backend: DenoiserBackend, image: Tensor, caption: str, *, num_steps: int = 50, progress: bool = False,
+    accel: str = "eager",
 ) -> list[Tensor]:
     """Step 5: encode T(I_r) ``[3, H, W]`` to x*_0 and DDIM-invert it with c_r = E_text(caption) (Eq. 3).
 
     Returns ``[x*_0, ..., x*_T]``, each ``[1, C, h, w]``: the pivotal inversion of null-text
     inversion (guidance 1, the caption alone).
     """
+    fast = accelerate_model(backend.denoise, backend.device, accel)
     with torch.no_grad(), _progress(progress, num_steps, "inversion") as bar:
 
         def model(x: Tensor, t: int, cond: Tensor) -> Tensor:
             bar.update()
-            return backend.denoise(x, t, cond)
+            return fast(x, t, cond)
 
         x0 = backend.encode_images(image[None])
         c_r = backend.encode_text([caption])
@@ -310,18 +317,6 @@ def _ddim(schedule: Schedule, out: Tensor, x: Tensor, t: int, stride: int) -> Te
     """F^(t) of Eq. 1 given the guided model output at x_t."""
     return ddim_step(out, x, schedule.alpha(t), schedule.alpha(t - stride), schedule.prediction_type,
                      schedule.clip_sample_range)
-
-
-def _guided_step(
-    model: Model, schedule: Schedule, x: Tensor, t: int, stride: int, cond: Tensor, phi: Tensor, *,
-    guidance: float, out_cond: Tensor | None,
-) -> Tensor:
-    """F^(t)(x_t, [c, c_s^t], phi) in float32; given ``out_cond`` only the phi branch runs (Eq. 10's cost)."""
-    if out_cond is None:
-        out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)
-    else:
-        out = cfg_combine(out_cond, model(x, t, phi.to(x.dtype)), guidance)
-    return _ddim(schedule, out, x, t, stride).float()
 
 
 @attrs.frozen
@@ -358,6 +353,7 @@ def reference_guided_sample(
     phi_lr: float = 1e-2,
     naive: bool = False,
     callback: StepCallback | None = None,
+    accel: str = "eager",
 ) -> GuidedSample:
     """Algorithm 2: denoise x_T with Eq. 7, guided inside M_r* by the reference trajectory.
 
@@ -378,6 +374,8 @@ def reference_guided_sample(
     and each phi_h step differentiates the unconditional branch alone. ``naive=True``
     instead recomputes both branches with gradients at every phi_h step, as a literal
     reading does; the result is the same. phi_h is float32 whatever the model's dtype.
+    ``accel`` (:mod:`hifi.fastpath`) runs the no-gradient forwards and the phi_h steps
+    eagerly, compiled, or as CUDA graphs; the losses are read back once, after the loop.
     """
     check_guidance_window(num_steps, t_start, t_end, phi_steps, phi_lr)
     if len(trajectory) != num_steps + 1:
@@ -389,10 +387,23 @@ def reference_guided_sample(
     timesteps = ddim_timesteps(schedule, num_steps)
     stride = schedule.stride(num_steps)
     conds = per_step(cond, num_steps)
+    device = x_T.device
+    fast = accelerate_model(model, device, accel)
     weight = mask.float().expand(x_T.shape[0], 1, *mask.shape[-2:])
-    phi_h = uncond.detach().float().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([phi_h], lr=phi_lr)
-    records: list[StepLosses] = []
+
+    def l_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, c: Tensor, target: Tensor,
+            *out_cond: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. 10 and F^(t)(x_t, [c, c_s^t], phi_h) in float32, as a function of tensors only."""
+        if out_cond:  # the conditional branch, computed once per step without gradients
+            out = cfg_combine(out_cond[0], model(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
+        else:  # the naive way: both branches, with gradients, at every phi_h step
+            out = guided_output(model, x, t, c, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
+        x_guided = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range).float()
+        return masked_mse(x_guided, target, weight), x_guided
+
+    # phi_h starts as phi at t_s and carries over, with its Adam state, from step to step.
+    runner = AdamStep(l_h, uncond.detach().float().clone().requires_grad_(True), phi_lr, accel)
+    step_losses: list[tuple[int, int, Tensor]] = []  # read back once, after the loop
     x = x_T.detach()
     for i, t in enumerate(timesteps):
         step = num_steps - i
@@ -401,34 +412,27 @@ def reference_guided_sample(
             x = substitute_masked(x, trajectory[step].to(x.dtype), mask)
         with torch.no_grad():
             if guided_step:
-                out_cond = model(x, t, conds[i])
-                out = cfg_combine(out_cond, model(x, t, uncond), guidance)
+                out_cond = fast(x, t, conds[i])
+                out = cfg_combine(out_cond, fast(x, t, uncond), guidance)
             else:
-                out = guided_output(model, x, t, conds[i], uncond, guidance)
+                out = guided_output(fast, x, t, conds[i], uncond, guidance)
             x_prev = _ddim(schedule, out, x, t, stride)
         if guided_step:
-            target = trajectory[step - 1].float()
-            f_phi = functools.partial(
-                _guided_step, model, schedule, x, t, stride, conds[i], guidance=guidance,
-                out_cond=None if naive else out_cond,
-            )
-            losses = []
-            for _ in range(phi_steps):
-                optimiser.zero_grad()
-                with torch.enable_grad():
-                    loss = masked_mse(f_phi(phi_h), target, weight)
-                    loss.backward()
-                optimiser.step()
-                losses.append(float(loss.detach()))
+            alphas = torch.tensor([schedule.alpha(t), schedule.alpha(t - stride)], dtype=torch.float32,
+                                  device=device)
+            inputs = (x, timestep_tensor(t, device), alphas[0], alphas[1], conds[i],
+                      trajectory[step - 1].float(), *(() if naive else (out_cond,)))
+            losses = [runner(*inputs)[0] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
             with torch.no_grad():
-                x_guided = f_phi(phi_h)
-                losses.append(float(masked_mse(x_guided, target, weight)))
+                loss, x_guided = l_h(runner.param, *inputs)
             x_prev = torch.where(mask, x_guided.to(x_prev.dtype), x_prev)
-            records.append(StepLosses(step=step, timestep=t, losses=tuple(losses)))
+            step_losses.append((step, t, torch.stack([*losses, loss])))
         x = x_prev
         if callback is not None:
             callback(i, t, x)
-    return GuidedSample(latents=x, losses=tuple(records))
+    records = tuple(StepLosses(step=step, timestep=t, losses=tuple(values.tolist()))
+                    for step, t, values in step_losses)
+    return GuidedSample(latents=x, losses=records)
 
 
 # All six -------------------------------------------------------------------------------
@@ -478,7 +482,7 @@ def reference_guided_generate(
     segmenter = perception.segmenter
     first = first_pass(
         backend, subject, prompt, seed, guidance=settings.guidance, num_steps=settings.num_steps,
-        record_attention=segmenter.wants_attention, progress=progress,
+        record_attention=segmenter.wants_attention, progress=progress, accel=settings.accel,
     )
 
     def fall_back(reason: str, generated_mask: Tensor | None = None) -> ReferenceGuided:
@@ -506,7 +510,8 @@ def reference_guided_generate(
         return fall_back("the aligned reference mask M_r* covers no latent cell", mask_g)
 
     caption = perception.captioner.caption(source_image[None], subject.class_name)[0]
-    trajectory = invert_reference(backend, alignment.image, caption, num_steps=settings.num_steps, progress=progress)
+    trajectory = invert_reference(backend, alignment.image, caption, num_steps=settings.num_steps, progress=progress,
+                                  accel=settings.accel)
     with torch.no_grad():
         conds = step_conditions(backend, subject, prompt, settings.num_steps)
     with _progress(progress, settings.num_steps, f"guided seed {seed}") as bar:
@@ -514,7 +519,7 @@ def reference_guided_generate(
             backend.denoise, backend.schedule, first.x_T, conds, trajectory, mask_star,
             uncond=backend.null_embedding(), guidance=settings.guidance, num_steps=settings.num_steps,
             t_start=settings.t_start, t_end=settings.t_end, phi_steps=settings.phi_steps, phi_lr=settings.phi_lr,
-            naive=settings.naive, callback=lambda i, t, x: bar.update(),
+            naive=settings.naive, callback=lambda i, t, x: bar.update(), accel=settings.accel,
         )
     with torch.no_grad():
         image = backend.decode_latents(sample.latents)[0]

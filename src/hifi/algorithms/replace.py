@@ -146,6 +146,7 @@ def edit_image(
     config: NullTextConfig | None = None,
     attention_maps: bool = False,
     progress: bool = False,
+    accel: str = "eager",
 ) -> Edit:
     """Null-text-invert ``image`` under ``caption``, then redraw it under ``edited_caption``.
 
@@ -155,7 +156,9 @@ def edit_image(
     caption is in the subject's wording (``<subject>`` or the class word, see
     :meth:`Subject.render_prompt`) and, in ``hifi`` mode, ``[c^g, c_s^t]`` is used per
     step with the n c_s positions keeping their own maps too (Algorithm 3). With
-    ``attention_maps``, :attr:`Edit.attention` holds the mean maps of both rows.
+    ``attention_maps``, :attr:`Edit.attention` holds the mean maps of both rows. ``accel``
+    runs the null-text inversion in that fast-path mode (:mod:`hifi.fastpath`); the
+    prompt-to-prompt pass edits attention in Python and runs eagerly.
     """
     config = config or NullTextConfig()
     images = image.unsqueeze(0) if image.dim() == 3 else image
@@ -175,7 +178,8 @@ def edit_image(
     if subject is not None and subject.mode == "hifi":
         own[-subject.num_tokens :] = True
     inversion = null_text_inversion(
-        backend.denoise, backend.schedule, x_0, cond, backend.null_embedding(), config, progress=progress
+        backend.denoise, backend.schedule, x_0, cond, backend.null_embedding(), config, progress=progress,
+        accel=accel,
     )
     mean = AttentionMean(_attention_rows(config.guidance), backend.resolution // backend.vae_scale_factor)
     reconstruction, edited = prompt_to_prompt(
@@ -200,6 +204,7 @@ def replace_subject(
     config: NullTextConfig | None = None,
     attention_maps: bool = False,
     progress: bool = False,
+    accel: str = "eager",
 ) -> Edit:
     """Algorithm 3: put ``subject`` where ``source_word`` of ``caption`` is in ``image``.
 
@@ -210,5 +215,5 @@ def replace_subject(
     edited = swap_caption_word(caption, source_word, SUBJECT_SLOT)
     return edit_image(
         backend, image, caption, edited, subject=subject, config=config, attention_maps=attention_maps,
-        progress=progress,
+        progress=progress, accel=accel,
     )

@@ -136,8 +136,8 @@ def caption_for(mode: Mode, class_name: str) -> str:
     return f"a photo of a {class_name}"
 
 
-def _check_loss(loss: Tensor, stage: str, step: int) -> float:
-    value = float(loss.detach())
+def _check_loss(loss: Tensor | float, stage: str, step: int) -> float:
+    value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
     if not math.isfinite(value):
         raise HifiError(
             f"the loss became {value} at {stage} step {step}; the last good checkpoint is kept"
@@ -173,11 +173,23 @@ class _Loop:
             torch.randint(0, n_train, (b,), generator=self.generator)
             if t is None else torch.full((b,), t, dtype=torch.long)
         )
-        eps = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
-        alpha = self.alphas[ts].to(x0.device, x0.dtype)
+        eps = self._to_device(torch.randn(x0.shape, generator=self.generator), x0)
+        alpha = self._to_device(self.alphas[ts], x0)
         x_t = add_noise(x0, eps, alpha)
         target = training_target(x0, eps, alpha, self.backend.schedule.prediction_type)
-        return x_t, ts.to(x0.device), target
+        return x_t, self._to_device(ts, x0, dtype=ts.dtype), target
+
+    @staticmethod
+    def _to_device(value: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``value`` (drawn on the CPU) on ``like``'s device; to a GPU through pinned memory.
+
+        A copy from pageable memory waits for the GPU's queue to drain; one from pinned
+        memory does not, so the next step's noise is drawn while this one runs.
+        """
+        dtype = like.dtype if dtype is None else dtype
+        if like.device.type == "cuda":
+            return value.pin_memory().to(like.device, dtype, non_blocking=True)
+        return value.to(like.device, dtype)
 
     def noise_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Eq. 5 with the mask on, plain Eq. 2 without."""
@@ -219,6 +231,11 @@ def _c_s_loss(loop: _Loop, c: Tensor, phi_s: Tensor) -> Callable[..., tuple[Tens
     return loss_fn
 
 
+READ_BACK_EVERY = 25
+"""The c_s loops read their losses back from the device once per this many steps (and
+before every checkpoint), instead of twice a step: on a GPU a read-back stalls the queue."""
+
+
 def _optimise_c_s(loop: _Loop, runner: AdamStep, stage: str, first: int, last: int, t: int | None,
                   checkpoint: Callable[[int], dict[str, Any]] | None = None) -> None:
     """Steps ``first..last-1`` of Eq. 6 on the runner's c_s (global stage: t random; step-wise: t fixed).
@@ -226,14 +243,27 @@ def _optimise_c_s(loop: _Loop, runner: AdamStep, stage: str, first: int, last: i
     ``runner`` does one Adam step (eager, compiled or a CUDA graph: ``TuneConfig.accel``);
     the noise and timesteps come from the loop's generator whatever the mode.
     ``checkpoint(next_step)`` returns the state to save every ``checkpoint_every`` steps.
+    Losses are logged (and checked finite) in batches of :data:`READ_BACK_EVERY`, always
+    before a checkpoint is written, so a checkpoint never holds a step after a NaN.
     """
     cfg = loop.config
+    pending: list[tuple[int, Tensor, Tensor]] = []
+    extra = {"t": t} if t is not None else {}
+
+    def read_back() -> None:
+        values = torch.stack([torch.stack([loss, noise]).float() for _, loss, noise in pending]).tolist()
+        for (step, _, _), (loss, noise) in zip(pending, values, strict=True):
+            loop.log(stage, step, _check_loss(loss, stage, step), noise=noise, **extra)
+        pending.clear()
+
     for step in range(first, last):
         x_t, ts, target = loop.noisy_batch(t)
         loss, noise_loss = runner(x_t, ts, target)
-        loop.log(stage, step, _check_loss(loss, stage, step), noise=float(noise_loss),
-                 **({"t": t} if t is not None else {}))
-        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < last:
+        pending.append((step, loss, noise_loss))
+        save = checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < last
+        if save or len(pending) >= READ_BACK_EVERY or step + 1 == last:
+            read_back()
+        if save and checkpoint is not None:
             loop.save(checkpoint(step + 1))
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from hifi.algorithms.null_text import NullTextConfig
 from hifi.algorithms.replace import Edit, edit_image, swap_caption_word
 from hifi.cli.common import add_backend_flags, backend_from_args
+from hifi.fastpath import ACCEL_MODES, check_accel
 from hifi.io import image_to_tensor, load_image, make_grid, save_image, tensor_to_image, write_json
 
 __all__ = ["add_edit_flags", "config_from_args", "register", "run", "write_edit"]
@@ -40,6 +41,8 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
         help="also write the reconstruction, attention maps, a before/after strip and a JSON summary",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
+                   help="run null-text inversion eagerly, through torch.compile, or as CUDA graphs (graph: CUDA only)")
 
 
 def config_from_args(args: argparse.Namespace) -> NullTextConfig:
@@ -109,12 +112,13 @@ def run(args: argparse.Namespace) -> int:
     edited = swap_caption_word(args.caption, args.source_word, args.target_word)
     photo = load_image(args.image)
     backend = backend_from_args(args)
+    check_accel(args.accel, backend.device)  # before any work
     message = photo_note(args.image, photo, backend.resolution)
     if message:
         note(message)
     edit = edit_image(
         backend, to_backend(photo, backend.resolution), args.caption, edited, config=config,
-        attention_maps=args.save_intermediates, progress=not args.quiet,
+        attention_maps=args.save_intermediates, progress=not args.quiet, accel=args.accel,
     )
     extra = {"image": str(args.image), "backend": backend.name, "null_text_config": attrs.asdict(config)}
     written = write_edit(edit, photo, Path(args.out), args.save_intermediates, extra)

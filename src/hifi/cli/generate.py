@@ -28,6 +28,7 @@ from hifi.algorithms.reference import (
 )
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
 from hifi.errors import HifiError
+from hifi.fastpath import ACCEL_MODES, check_accel
 from hifi.io import make_grid, save_image, tensor_to_image, write_json
 from hifi.perception_registry import configured_perception
 from hifi.runs import apply_run, load_run
@@ -43,7 +44,7 @@ def _slug(prompt: str) -> str:
 def _settings(args: argparse.Namespace) -> ReferenceSettings:
     return ReferenceSettings(
         guidance=args.guidance, num_steps=args.steps, t_start=args.t_start, t_end=args.t_end,
-        phi_steps=args.phi_steps, phi_lr=args.phi_lr,
+        phi_steps=args.phi_steps, phi_lr=args.phi_lr, accel=args.accel,
     )
 
 
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise HifiError(f"--num-images and --steps must be at least 1, got {args.num_images} and {args.steps}")
     tuned = load_run(args.run)
     backend = backend_from_args(args, name=tuned.meta.backend, model=tuned.meta.model_id)
+    check_accel(args.accel, backend.device)  # before any work
     subject = apply_run(tuned, backend)
     out = Path(args.out)
     progress = not args.quiet
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             if perception is None or refs is None:
                 drawn = first_pass(
                     backend, subject, prompt, seed, guidance=args.guidance, num_steps=args.steps,
-                    record_attention=False, progress=progress,
+                    record_attention=False, progress=progress, accel=args.accel,
                 )
                 final = tensor_to_image(drawn.image[0])
                 record.update(reference_guided=False, fallback=False)
@@ -250,6 +252,9 @@ def register(sub: Any) -> None:
     p.add_argument("--phi-lr", type=float, default=1e-2, help="Adam learning rate for phi_h (default 1e-2)")
     p.add_argument("--save-intermediates", action="store_true",
                    help="also write every stage (I_g1, masks, reference, transform, phi_h losses)")
+    p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
+                   help="run the forwards and phi_h steps eagerly, through torch.compile, or as CUDA graphs"
+                        " (graph: CUDA only; same images within tolerance)")
     p.add_argument("--segmenter", default=None, help="attention, grounded-sam, sam (default: as configured)")
     p.add_argument("--embedder", default=None, help="dino, clip, vae-latent (default: configured, else vae-latent)")
     p.add_argument("--captioner", default=None, help="blip2, blip, template (default: configured, else template)")

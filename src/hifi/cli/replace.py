@@ -11,6 +11,7 @@ import attrs
 from hifi.algorithms.replace import replace_subject, swap_caption_word
 from hifi.cli.common import add_backend_flags, backend_from_args
 from hifi.cli.edit import add_edit_flags, config_from_args, note, photo_note, to_backend, write_edit
+from hifi.fastpath import check_accel
 from hifi.io import load_image
 from hifi.perception import TemplateCaptioner
 from hifi.runs import apply_run, load_run
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     learned = load_run(args.run)
     photo = load_image(args.image)
     backend = backend_from_args(args, name=learned.meta.backend, model=learned.meta.model_id)
+    check_accel(args.accel, backend.device)  # before any work
     subject = apply_run(learned, backend)
     message = photo_note(args.image, photo, backend.resolution)
     if message:
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         note(f"no --caption: the {captioner.name} captioner says {caption!r}")
     edit = replace_subject(
         backend, subject, image, caption, args.source_word, config=config,
-        attention_maps=args.save_intermediates, progress=not args.quiet,
+        attention_maps=args.save_intermediates, progress=not args.quiet, accel=args.accel,
     )
     extra = {
         "image": str(args.image), "run": str(learned.path), "mode": subject.mode, "backend": backend.name,

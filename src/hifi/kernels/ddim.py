@@ -31,6 +31,7 @@ PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 __all__ = [
+    "Alpha",
     "PredictionType",
     "add_noise",
     "Schedule",
@@ -159,11 +160,23 @@ def ddim_timesteps(schedule: Schedule, num_steps: int) -> tuple[int, ...]:
     return tuple(sorted(grid, reverse=True))
 
 
+Alpha = float | Tensor
+"""``a_t`` as a number, or as a 0-d tensor on the sample's device: a captured CUDA graph or a
+compiled step takes the alphas of each timestep as inputs instead of baking them in."""
+
+
+def _roots(alpha: Alpha) -> tuple[Alpha, Alpha]:
+    """``(sqrt(a), sqrt(1 - a))`` of a number or a tensor, without a host read-back."""
+    if isinstance(alpha, Tensor):
+        return alpha.sqrt(), (1.0 - alpha).sqrt()
+    return math.sqrt(alpha), math.sqrt(1.0 - alpha)
+
+
 def predict_x0_and_eps(
-    model_output: Tensor, sample: Tensor, alpha_t: float, prediction_type: PredictionType
+    model_output: Tensor, sample: Tensor, alpha_t: Alpha, prediction_type: PredictionType
 ) -> tuple[Tensor, Tensor]:
     """Turn a denoiser output into the predicted clean sample and noise at ``a_t``."""
-    sa, sb = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t)
+    sa, sb = _roots(alpha_t)
     if prediction_type == "epsilon":
         eps = model_output
         x0 = (sample - sb * eps) / sa
@@ -178,8 +191,8 @@ def predict_x0_and_eps(
 def ddim_step(
     model_output: Tensor,
     sample: Tensor,
-    alpha_t: float,
-    alpha_prev: float,
+    alpha_t: Alpha,
+    alpha_prev: Alpha,
     prediction_type: PredictionType = "epsilon",
     clip_sample_range: float | None = None,
 ) -> Tensor:
@@ -187,18 +200,20 @@ def ddim_step(
 
     ``model_output`` is the (already guided, see :func:`cfg_combine`) denoiser output at
     ``sample``. Equals diffusers' ``DDIMScheduler.step(...).prev_sample`` with eta = 0.
+    The alphas may be numbers or 0-d tensors (:data:`Alpha`); the result is the same.
     """
     x0, eps = predict_x0_and_eps(model_output, sample, alpha_t, prediction_type)
     if clip_sample_range is not None:
         x0 = x0.clamp(-clip_sample_range, clip_sample_range)
-    return math.sqrt(alpha_prev) * x0 + math.sqrt(1.0 - alpha_prev) * eps
+    sa, sb = _roots(alpha_prev)
+    return sa * x0 + sb * eps
 
 
 def ddim_inverse_step(
     model_output: Tensor,
     sample: Tensor,
-    alpha_t: float,
-    alpha_next: float,
+    alpha_t: Alpha,
+    alpha_next: Alpha,
     prediction_type: PredictionType = "epsilon",
 ) -> Tensor:
     """One DDIM inversion step x_t -> x_{t+1} (Eq. 3): the denoising map run backwards.
@@ -206,7 +221,8 @@ def ddim_inverse_step(
     Equals diffusers' ``DDIMInverseScheduler.step(...).prev_sample``.
     """
     x0, eps = predict_x0_and_eps(model_output, sample, alpha_t, prediction_type)
-    return math.sqrt(alpha_next) * x0 + math.sqrt(1.0 - alpha_next) * eps
+    sa, sb = _roots(alpha_next)
+    return sa * x0 + sb * eps
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
