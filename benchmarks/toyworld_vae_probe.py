@@ -1,6 +1,7 @@
 """Does ToyWorld's VAE keep an object's class through a round trip with more latent room?
 
-    python -m benchmarks.toyworld_vae_probe --work WORK [--steps 500] [--channels 4 8]
+    python -m benchmarks.toyworld_vae_probe --work WORK [--steps 500] [--channels 4 8] [--edge-weight 1]
+    python -m benchmarks.toyworld_vae_probe --work WORK --steps 1000 --from-bundle [--decoder-only]
 
 A probe for issue #8 (the generated class is found 27% of the time; a round trip through
 the bundled VAE alone keeps 55% of the classes of renders). For each latent width it
@@ -9,8 +10,11 @@ schedule, shortened to ``--steps``) on the rendered pool in ``WORK`` (from
 `python -m hifi_backends.toy.train`), then round-trips 240 held-out renders and scores
 them with the bundled ToyCLIP, as the prompt-following check does; the bundled VAE
 (4 channels, 2,600 steps) is scored on the same renders. Equal steps, so the comparison
-is between the widths trained here. Writes
-``benchmarks/results/toyworld-model/vae-probe.json``.
+is between the widths trained here. ``--from-bundle`` instead trains the bundled VAE
+further with the `vae_detail` recipe (``--decoder-only``: the encoder, hence the latents
+the UNet was trained on, frozen). Writes
+``benchmarks/results/toyworld-model/vae-probe.json`` (a later run with the same
+``--steps`` adds its rows; ``--edge-weight`` adds an L1 loss on image gradients).
 """
 
 from __future__ import annotations
@@ -44,22 +48,41 @@ def held_out(count: int = 240, seed: int = 77) -> tuple[torch.Tensor, torch.Tens
     return images, masks, [o.look.cls for o in objects], [o.scene for o in objects]
 
 
-def probe(work: Path, channels: int, steps: int, batch: int = 16, seed: int = 0) -> dict[str, Any]:
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def probe(work: Path, channels: int, steps: int, batch: int = 16, seed: int = 0, edge_weight: float = 0.0,
+          init: Any | None = None, decoder_only: bool = False) -> dict[str, Any]:
+    """A fresh VAE with the `vae` stage's recipe; or, from ``init``, more steps of `vae_detail`'s.
+
+    ``decoder_only`` freezes the encoder (the latents, so a UNet trained on them stays valid).
+    """
     from diffusers import AutoencoderKL
 
     pool = Pool(work)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**{**vae_config(), "latent_channels": channels})
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae = AutoencoderKL(**{**vae_config(), "latent_channels": channels}) if init is None else init.train()
+    lr = 1e-3 if init is None else 5e-4
+    if decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in vae.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
     began = time.time()
-    for i in range(steps):  # the `vae` stage's step (train.stage_vae)
-        _schedule(opt, 1e-3, i, steps)
-        x = pool.batch(torch.randint(len(pool), (batch,), generator=gen)) * 2 - 1
+    for i in range(steps):  # the `vae` stage's step (train.stage_vae), or `vae_detail`'s
+        _schedule(opt, lr, i, steps, warmup=100 if init is None else 50)
+        index = torch.randint(len(pool), (batch,), generator=gen)
+        x = pool.batch(index) * 2 - 1
+        weight = 1.0 if init is None else 1.0 + 4.0 * pool.masks[index].float()[:, None]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        err = recon - x
+        loss = (weight * err.pow(2)).mean() + 0.5 * (weight * err.abs()).mean() + 1e-4 * kl
+        if edge_weight > 0:  # outlines: L1 between the images' finite differences (no learned features)
+            loss = loss + edge_weight * sum(
+                F.l1_loss(a, b) for a, b in zip(image_gradients(recon), image_gradients(x), strict=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -77,20 +100,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="the training work folder (holds pool.npz)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--channels", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--edge-weight", type=float, default=0.0, help="add an L1 loss on image gradients")
+    p.add_argument("--from-bundle", action="store_true",
+                   help="instead: train the bundled VAE --steps more with the vae_detail recipe")
+    p.add_argument("--decoder-only", action="store_true", help="with --from-bundle: the encoder stays frozen")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     images, masks, classes, scenes = held_out()
     clip = load_toyclip()
     _, render_classes = classify(clip, images, classes, scenes)
-    report: dict[str, Any] = {"steps": args.steps, "held_out": len(classes),
-                              "renders_class_accuracy": _accuracy(render_classes, classes), "widths": {}}
+    out = RESULTS / "vae-probe.json"
+    report: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"widths": {}}
+    if report.get("steps", args.steps) != args.steps and not args.from_bundle:
+        report = {"widths": {}}  # another step budget: start a new comparison
+    if not args.from_bundle:  # "steps": the budget of the fresh VAEs; bundled+N rows name theirs
+        report["steps"] = args.steps
+    report.update(held_out=len(classes), renders_class_accuracy=_accuracy(render_classes, classes))
     from diffusers import AutoencoderKL
 
     from hifi_backends.toy.backend import BUNDLE
 
     bundled = {"vae": AutoencoderKL.from_pretrained(BUNDLE / "vae").eval(), "seconds": None, "parameters": None}
-    for c in ["bundled", *args.channels]:
-        trained = bundled if c == "bundled" else probe(Path(args.work), int(c), args.steps)
+    more = f"bundled+{args.steps}{' decoder' if args.decoder_only else ''}"
+    widths: list[str | int] = ["bundled", more] if args.from_bundle else ["bundled", *args.channels]
+    for c in widths:
+        if c == "bundled":
+            trained = bundled
+        elif args.from_bundle:
+            trained = probe(Path(args.work), 4, args.steps, edge_weight=args.edge_weight,
+                            init=AutoencoderKL.from_pretrained(BUNDLE / "vae"), decoder_only=args.decoder_only)
+        else:
+            trained = probe(Path(args.work), int(c), args.steps, edge_weight=args.edge_weight)
+        if c != "bundled" and args.edge_weight > 0:
+            c = f"{c}+edge{args.edge_weight:g}"
         with torch.no_grad():
             recon = trained["vae"].decode(trained["vae"].encode(images).latent_dist.mean).sample.clamp(-1, 1)
         found_scenes, found_classes = classify(clip, recon, classes, scenes)
@@ -102,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps({c: report["widths"][str(c)]}), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "vae-probe.json", report)
+    write_json(out, report)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -112,6 +112,13 @@ def test_the_commands_pass_accel_on_and_refuse_graph_without_cuda(tmp_path, caps
                  "--backend", "tiny", "--steps", "2", "--accel", "graph", "--quiet"])
     assert code == 2 and "needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert main(["tune", "--subject", str(photos), "--class-name", "box", "--out", str(tmp_path / "run"),
+                 "--backend", "tiny", "--steps", "2", "--stepwise-steps", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    code = main(["generate", "--run", str(tmp_path / "run"), "--prompt", "a <subject>", "--out", str(tmp_path / "gen"),
+                 "--no-reference", "--steps", "2", "--accel", "graph", "--quiet"])
+    assert code == 2 and "needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "gen").exists()
 
 
 def _loops(accel: str, device: str = "cpu", which: tuple[str, ...] = ("generate", "null-text", "guided")

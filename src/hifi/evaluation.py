@@ -143,7 +143,8 @@ class EvalSettings:
     learning_rates: tuple[tuple[str, float], ...] = ()
     """Per tuning mode, a learning rate other than the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
     accel: str = "eager"
-    """How the c_s steps of the tunes run (:mod:`hifi.fastpath`); the results do not depend on it."""
+    """How the fixed-shape steps run (:mod:`hifi.fastpath`): the tunes, the generations and the
+    reference-guided loops; the results do not depend on it beyond floating-point rounding."""
 
     def tune_config(self, method: Method) -> TuneConfig:
         assert method.mode is not None
@@ -274,10 +275,12 @@ def _evaluate_subject(
                 image = image_to_tensor(load_image(path), backend.resolution)
             else:
                 if guide:
+                    reference = attrs.evolve(settings.reference, accel=settings.accel)
                     image = reference_guided_generate(backend, subject, prompt, seed, references, perception,
-                                                      settings=settings.reference).image.cpu()
+                                                      settings=reference).image.cpu()
                 else:
-                    image = generate(backend, subject, prompt, [seed], num_steps=settings.num_steps).images[0].cpu()
+                    image = generate(backend, subject, prompt, [seed], num_steps=settings.num_steps,
+                                     accel=settings.accel).images[0].cpu()
                 save_image(tensor_to_image(image), path)
             feats = scorers.image_features(image[None])
             rows.append({**base, "prompt_index": pi, "prompt": prompt.replace(SUBJECT_SLOT, class_name),

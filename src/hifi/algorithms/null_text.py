@@ -18,7 +18,7 @@ inverted trajectory, where plain guided DDIM from x*_T drifts away from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -122,15 +122,20 @@ def null_text_inversion(
     with torch.no_grad():
         trajectory = ddim_invert(fast, schedule, x_0, cond, num_steps=num_steps)
 
-    def f_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, target: Tensor,
-            *out_cond: Tensor) -> tuple[Tensor, Tensor]:
-        """F^(t)(x_t, c, phi_t) and Eq. 4 as a function of tensors only (the step AdamStep runs)."""
-        if out_cond:  # the conditional branch computed once per step, without gradients
-            out = cfg_combine(out_cond[0], model(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
-        else:  # the naive way: both branches, with gradients, at every update
-            out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
-        x_prev = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range)
-        return F.mse_loss(x_prev.float(), target), x_prev
+    def loss_of(net: Model) -> Callable[..., tuple[Tensor, Tensor]]:
+        def f_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, target: Tensor,
+                *out_cond: Tensor) -> tuple[Tensor, Tensor]:
+            """F^(t)(x_t, c, phi_t) and Eq. 4 as a function of tensors only (the step AdamStep runs)."""
+            if out_cond:  # the conditional branch computed once per step, without gradients
+                out = cfg_combine(out_cond[0], net(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
+            else:  # the naive way: both branches, with gradients, at every update
+                out = guided_output(net, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
+            x_prev = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range)
+            return F.mse_loss(x_prev.float(), target), x_prev
+
+        return f_h
+
+    f_h, f_h_forward = loss_of(model), loss_of(fast)  # the step; the no-gradient evaluation
 
     phi = uncond.detach().float()
     param = phi.clone().requires_grad_(True)
@@ -152,7 +157,7 @@ def null_text_inversion(
         for k in range(config.inner_steps + 1):
             if k == config.inner_steps:
                 with torch.no_grad():
-                    loss, x_prev = f_h(runner.param, *inputs)
+                    loss, x_prev = f_h_forward(runner.param, *inputs)
                 break
             before = runner.param.detach().clone() if config.tolerance > 0 else None
             loss, x_prev = runner(*inputs)

@@ -23,7 +23,7 @@ runs from the 11th denoising step to the 41st, 31 steps.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 import torch
@@ -391,15 +391,20 @@ def reference_guided_sample(
     fast = accelerate_model(model, device, accel)
     weight = mask.float().expand(x_T.shape[0], 1, *mask.shape[-2:])
 
-    def l_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, c: Tensor, target: Tensor,
-            *out_cond: Tensor) -> tuple[Tensor, Tensor]:
-        """Eq. 10 and F^(t)(x_t, [c, c_s^t], phi_h) in float32, as a function of tensors only."""
-        if out_cond:  # the conditional branch, computed once per step without gradients
-            out = cfg_combine(out_cond[0], model(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
-        else:  # the naive way: both branches, with gradients, at every phi_h step
-            out = guided_output(model, x, t, c, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
-        x_guided = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range).float()
-        return masked_mse(x_guided, target, weight), x_guided
+    def loss_of(net: Model) -> Callable[..., tuple[Tensor, Tensor]]:
+        def l_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, c: Tensor, target: Tensor,
+                *out_cond: Tensor) -> tuple[Tensor, Tensor]:
+            """Eq. 10 and F^(t)(x_t, [c, c_s^t], phi_h) in float32, as a function of tensors only."""
+            if out_cond:  # the conditional branch, computed once per step without gradients
+                out = cfg_combine(out_cond[0], net(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
+            else:  # the naive way: both branches, with gradients, at every phi_h step
+                out = guided_output(net, x, t, c, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
+            x_guided = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range).float()
+            return masked_mse(x_guided, target, weight), x_guided
+
+        return l_h
+
+    l_h, l_h_forward = loss_of(model), loss_of(fast)  # the step; the no-gradient evaluation
 
     # phi_h starts as phi at t_s and carries over, with its Adam state, from step to step.
     runner = AdamStep(l_h, uncond.detach().float().clone().requires_grad_(True), phi_lr, accel)
@@ -424,7 +429,7 @@ def reference_guided_sample(
                       trajectory[step - 1].float(), *(() if naive else (out_cond,)))
             losses = [runner(*inputs)[0] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
             with torch.no_grad():
-                loss, x_guided = l_h(runner.param, *inputs)
+                loss, x_guided = l_h_forward(runner.param, *inputs)
             x_prev = torch.where(mask, x_guided.to(x_prev.dtype), x_prev)
             step_losses.append((step, t, torch.stack([*losses, loss])))
         x = x_prev
