@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-bundle", action="store_true",
                    help="instead: train the bundled VAE --steps more with the vae_detail recipe")
     p.add_argument("--decoder-only", action="store_true", help="with --from-bundle: the encoder stays frozen")
+    p.add_argument("--save", default=None, help="write the last VAE trained here to this folder (diffusers format)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     images, masks, classes, scenes = held_out()
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": trained["seconds"], "parameters": trained["parameters"],
         }
         print(json.dumps({c: report["widths"][str(c)]}), flush=True)
+        if args.save and c != "bundled":
+            trained["vae"].save_pretrained(args.save)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(json.dumps(report, indent=1))

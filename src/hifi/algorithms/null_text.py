@@ -26,10 +26,10 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, ddim_sample, guided_output
+from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, ddim_sample, null_guided_step
 from hifi.errors import HifiError
 from hifi.fastpath import AdamStep, accelerate_model, timestep_tensor
-from hifi.kernels.ddim import Schedule, cfg_combine, ddim_step, ddim_timesteps
+from hifi.kernels.ddim import Schedule, ddim_timesteps
 
 __all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_sample"]
 
@@ -125,12 +125,8 @@ def null_text_inversion(
     def loss_of(net: Model) -> Callable[..., tuple[Tensor, Tensor]]:
         def f_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, target: Tensor,
                 *out_cond: Tensor) -> tuple[Tensor, Tensor]:
-            """F^(t)(x_t, c, phi_t) and Eq. 4 as a function of tensors only (the step AdamStep runs)."""
-            if out_cond:  # the conditional branch computed once per step, without gradients
-                out = cfg_combine(out_cond[0], net(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
-            else:  # the naive way: both branches, with gradients, at every update
-                out = guided_output(net, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
-            x_prev = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range)
+            """Eq. 4 and x_{t-1} as a function of tensors only (the step AdamStep runs)."""
+            x_prev = null_guided_step(net, schedule, x, t, a_t, a_prev, cond, phi, guidance, *out_cond)
             return F.mse_loss(x_prev.float(), target), x_prev
 
         return f_h

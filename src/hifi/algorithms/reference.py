@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hifi.algorithms.generate import generate, initial_noise, step_conditions
-from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, guided_output, per_step
+from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, guided_output, null_guided_step, per_step
 from hifi.attention import AttentionStore, observed_attention
 from hifi.errors import HifiError
 from hifi.fastpath import AdamStep, accelerate_model, timestep_tensor
@@ -395,11 +395,7 @@ def reference_guided_sample(
         def l_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, c: Tensor, target: Tensor,
                 *out_cond: Tensor) -> tuple[Tensor, Tensor]:
             """Eq. 10 and F^(t)(x_t, [c, c_s^t], phi_h) in float32, as a function of tensors only."""
-            if out_cond:  # the conditional branch, computed once per step without gradients
-                out = cfg_combine(out_cond[0], net(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
-            else:  # the naive way: both branches, with gradients, at every phi_h step
-                out = guided_output(net, x, t, c, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
-            x_guided = ddim_step(out, x, a_t, a_prev, schedule.prediction_type, schedule.clip_sample_range).float()
+            x_guided = null_guided_step(net, schedule, x, t, a_t, a_prev, c, phi, guidance, *out_cond).float()
             return masked_mse(x_guided, target, weight), x_guided
 
         return l_h

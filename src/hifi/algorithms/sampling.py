@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hifi.kernels.ddim import Schedule, cfg_combine, ddim_inverse_step, ddim_step, ddim_timesteps
+from hifi.kernels.ddim import Alpha, Schedule, cfg_combine, ddim_inverse_step, ddim_step, ddim_timesteps
 
 Model = Callable[[Tensor, int, Tensor], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
 """``callback(i, t, x_{t-1})`` after denoising step i (0-based) at timestep t."""
 
-__all__ = ["Model", "ddim_invert", "ddim_sample", "guided_output", "per_step"]
+__all__ = ["Model", "ddim_invert", "ddim_sample", "guided_output", "null_guided_step", "per_step"]
 
 
 def guided_output(model: Model, x: Tensor, t: int, cond: Tensor, uncond: Tensor | None, w: float) -> Tensor:
@@ -37,6 +37,24 @@ def guided_output(model: Model, x: Tensor, t: int, cond: Tensor, uncond: Tensor 
     )
     out_uncond, out_cond = out.chunk(2)
     return cfg_combine(out_cond, out_uncond, w)
+
+
+def null_guided_step(
+    model: Model, schedule: Schedule, x: Tensor, t: Tensor | int, alpha_t: Alpha, alpha_prev: Alpha,
+    cond: Tensor, phi: Tensor, guidance: float, out_cond: Tensor | None = None,
+) -> Tensor:
+    """x_{t-1} = F^(t)(x_t, c, phi) as a function of the null embedding phi (Eq. 4 and Eq. 10).
+
+    The step that null-text inversion's phi_t and Algorithm 2's phi_h are optimised through.
+    Given ``out_cond`` = eps(x_t, c), which does not depend on phi, only the unconditional
+    branch runs; without it both do (the naive way). ``t`` and the alphas may be tensors, so
+    a captured graph or compiled step serves every timestep (:mod:`hifi.fastpath`).
+    """
+    if out_cond is None:
+        out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
+    else:
+        out = cfg_combine(out_cond, model(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
+    return ddim_step(out, x, alpha_t, alpha_prev, schedule.prediction_type, schedule.clip_sample_range)
 
 
 def per_step(cond: Tensor | Sequence[Tensor], num_steps: int) -> Sequence[Tensor]:
