@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": trained["seconds"], "parameters": trained["parameters"],
         }
         print(json.dumps({c: report["widths"][str(c)]}), flush=True)
-        if args.save and c != "bundled":
-            trained["vae"].save_pretrained(args.save)
+        if args.save and c != "bundled":  # whole or not at all: written beside, then moved in
+            tmp = Path(f"{args.save}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            trained["vae"].save_pretrained(tmp)
+            shutil.rmtree(args.save, ignore_errors=True)
+            tmp.rename(args.save)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(json.dumps(report, indent=1))
