@@ -213,22 +213,25 @@ class _Rows(list[dict[str, Any]]):
 
 def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int,
         loop_steps: int, accel: str | None = None, naive_loops: bool = True, full_tune: bool = False,
-        full_tune_only: bool = False, full_tune_images: tuple[int, ...] = (1,)) -> dict[str, Any]:
+        full_tune_only: tuple[int, ...] = ()) -> dict[str, Any]:
     """Every stage beside its naive twin; with ``accel``, each fast-path stage beside its eager self.
 
     ``naive_loops=False`` skips the naive twins of the two long loops (Algorithm 2 and
     null-text inversion); ``full_tune`` also times a default tune, eager and in mode ``accel``;
-    ``full_tune_only`` times only that, once for each photo count in ``full_tune_images``.
+    ``full_tune_only`` (photo counts) times only that, once for each count.
     """
     s = Stages(backend, batch, num_steps)
     rows: list[dict[str, Any]] = _Rows()
+    def tune_stage(images: int) -> str:
+        return f"full default tune (1000 + 10 x 50 steps, {images} image{'s' if images > 1 else ''} a step)"
+
     if full_tune_only:
-        for images in full_tune_images:
-            stage = f"full default tune (1000 + 10 x 50 steps, {images} image{'s' if images > 1 else ''} a step)"
+        for images in full_tune_only:
             fast_s = timed(backend, functools.partial(s.full_tune, accel or "eager", images), 1, warmup=0)
             eager_s = timed(backend, functools.partial(s.full_tune, "eager", images), 1, warmup=0)
-            rows.append({"stage": f"{stage}, --accel {accel}", "seconds": fast_s, "naive": "the same, eager",
-                         "naive_seconds": eager_s, "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
+            rows.append({"stage": f"{tune_stage(images)}, --accel {accel}", "seconds": fast_s,
+                         "naive": "the same, eager", "naive_seconds": eager_s, "speedup": eager_s / fast_s,
+                         "peak_mb": _peak_mb(backend)})
         return _result(backend, label, batch, num_steps, repeats, rows)
     loops = Stages(backend, batch, loop_steps) if loop_steps != num_steps else s
 
@@ -280,8 +283,7 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
         beside += [(stage, functools.partial(loop, accel=accel), eager_rows[stage], guided_repeats, 0)
                    for stage, loop in long_loops.items()]
         if full_tune:
-            beside.append(("full default tune (1000 + 10 x 50 steps, 3 images)", lambda: s.full_tune(accel),
-                           s.full_tune, 1, 0))
+            beside.append((tune_stage(3), lambda: s.full_tune(accel), s.full_tune, 1, 0))
         for stage, fast, eager, n, warmup in beside:
             name = f"{stage}, --accel {accel}"
             try:
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{args.backend} backend"
     result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps, args.accel,
                  naive_loops=not args.no_naive_loops, full_tune=args.full_tune,
-                 full_tune_only=args.full_tune_only is not None, full_tune_images=tuple(args.full_tune_only or (1,)))
+                 full_tune_only=tuple(args.full_tune_only or ()))
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)
