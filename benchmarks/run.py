@@ -211,20 +211,54 @@ class _Rows(list[dict[str, Any]]):
         print(json.dumps(row), file=sys.stderr, flush=True)
 
 
+def core_rows(backend: DenoiserBackend, s: Stages, accel: str, repeats: int) -> list[dict[str, Any]]:
+    """The two fast-path cores (a c_s step, a CFG forward) in mode ``accel`` beside eager, in each
+    UNet memory layout the backend can switch to (NCHW, channels-last) and, on CUDA, with cuDNN's
+    autotuner (``torch.backends.cudnn.benchmark``) off and on: all in one run."""
+    rows: list[dict[str, Any]] = _Rows()
+    layouts = [False, True] if hasattr(backend, "set_channels_last") else [False]
+    tuners = [False, True] if backend.device.type == "cuda" else [False]
+    was = bool(getattr(backend, "channels_last", False)), torch.backends.cudnn.benchmark
+    for autotune in tuners:
+        torch.backends.cudnn.benchmark = autotune
+        for channels_last in layouts:
+            if len(layouts) > 1:
+                backend.set_channels_last(channels_last)  # type: ignore[attr-defined]
+            setting = "UNet channels-last" if channels_last else "UNet NCHW"
+            setting += ", cudnn.benchmark" if autotune else ""
+            cases = [("c_s step", s.accelerated_c_s_step(accel), s.c_s_step),
+                     ("CFG forward (batch 2)", s.cfg_forward(accel), s.cfg_forward("eager"))]
+            for stage, fast, eager in cases:
+                fast_s = timed(backend, fast, repeats, warmup=3)  # the first calls compile or capture
+                eager_s = timed(backend, eager, repeats, warmup=1)
+                rows.append({"stage": f"{stage}, --accel {accel}, {setting}", "seconds": fast_s,
+                             "naive": f"the same eager, {setting}", "naive_seconds": eager_s,
+                             "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
+    if len(layouts) > 1:
+        backend.set_channels_last(was[0])  # type: ignore[attr-defined]
+    torch.backends.cudnn.benchmark = was[1]
+    return rows
+
+
 def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeats: int,
         loop_steps: int, accel: str | None = None, naive_loops: bool = True, full_tune: bool = False,
-        full_tune_only: tuple[int, ...] = ()) -> dict[str, Any]:
+        full_tune_only: tuple[int, ...] = (), only: str | None = None) -> dict[str, Any]:
     """Every stage beside its naive twin; with ``accel``, each fast-path stage beside its eager self.
 
     ``naive_loops=False`` skips the naive twins of the two long loops (Algorithm 2 and
     null-text inversion); ``full_tune`` also times a default tune, eager and in mode ``accel``;
-    ``full_tune_only`` (photo counts) times only that, once for each count.
+    ``full_tune_only`` (photo counts) times only that, once for each count; ``only="core"``
+    times only :func:`core_rows` (the c_s step and the CFG forward, in both UNet layouts),
+    ``only="loops"`` only Algorithm 2 and null-text inversion (T = ``loop_steps``), each in
+    mode ``accel`` beside eager.
     """
     s = Stages(backend, batch, num_steps)
     rows: list[dict[str, Any]] = _Rows()
     def tune_stage(images: int) -> str:
         return f"full default tune (1000 + 10 x 50 steps, {images} image{'s' if images > 1 else ''} a step)"
 
+    if only == "core":
+        return _result(backend, label, batch, num_steps, repeats, core_rows(backend, s, accel or "eager", repeats))
     if full_tune_only:
         for images in full_tune_only:
             fast_s = timed(backend, functools.partial(s.full_tune, accel or "eager", images), 1, warmup=0)
@@ -234,6 +268,18 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
                          "peak_mb": _peak_mb(backend)})
         return _result(backend, label, batch, num_steps, repeats, rows)
     loops = Stages(backend, batch, loop_steps) if loop_steps != num_steps else s
+    long_loops = {
+        f"reference-guided loop (Algorithm 2), J=10, T={loop_steps}": loops.guided,
+        f"null-text inversion (Eq. 4), K=10, T={loop_steps}": loops.null_text,
+    }
+    guided_repeats = max(1, repeats // 2)
+    if only == "loops":
+        for stage, loop in long_loops.items():
+            fast_s = timed(backend, functools.partial(loop, accel=accel or "eager"), guided_repeats, warmup=0)
+            eager_s = timed(backend, loop, guided_repeats, warmup=0)
+            rows.append({"stage": f"{stage}, --accel {accel}", "seconds": fast_s, "naive": "the same, eager",
+                         "naive_seconds": eager_s, "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
+        return _result(backend, label, batch, num_steps, repeats, rows)
 
     def measure(stage: str, fast: Callable[[], Any], naive: Callable[[], Any] | None, naive_label: str) -> None:
         fast_s = timed(backend, fast, repeats)
@@ -258,11 +304,6 @@ def run(backend: DenoiserBackend, label: str, batch: int, num_steps: int, repeat
             "text encoder in the loop, one image per forward")
     measure(f"{num_steps}-step generation (CFG)", s.generation, s.generation_naive, "CFG branches as two calls")
     measure(f"DDIM inversion, {num_steps} steps", s.inversion, None, "")
-    guided_repeats = max(1, repeats // 2)
-    long_loops = {
-        f"reference-guided loop (Algorithm 2), J=10, T={loop_steps}": loops.guided,
-        f"null-text inversion (Eq. 4), K=10, T={loop_steps}": loops.null_text,
-    }
     for stage, loop in long_loops.items():
         if naive_loops:
             fast_s, naive_s = (timed(backend, functools.partial(loop, naive=n), guided_repeats) for n in (False, True))
@@ -350,20 +391,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-tune", action="store_true", help="with --accel: time a default tune, eager and accelerated")
     p.add_argument("--full-tune-only", type=int, nargs="+", default=None, metavar="PHOTOS",
                    help="time only default tunes on this many photos (each count), eager and with --accel")
+    p.add_argument("--only", choices=["core", "loops"], default=None,
+                   help="core: only a c_s step and a CFG forward, eager and with --accel, with the UNet NCHW and"
+                        " channels-last; loops: only Algorithm 2 and null-text inversion, eager and with --accel")
+    p.add_argument("--channels-last", action="store_true",
+                   help="with --arch: hold the UNet channels-last for the whole run")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms for these shapes (torch.backends.cudnn.benchmark)")
+    p.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                   help="only write the Markdown table of a results JSON beside it (e.g. one a GPU machine sent back)")
     args = p.parse_args(argv)
+    if args.markdown is not None:
+        result = json.loads(args.markdown.read_text())
+        with atomic_path(args.markdown.with_suffix(".md")) as tmp:
+            tmp.write_text(to_markdown(result))
+        print(to_markdown(result))
+        return 0
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.arch:
         from hifi_backends.stable_diffusion import build_random_architecture
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        backend: DenoiserBackend = build_random_architecture(args.arch, sample_size=args.sample_size, dtype=dtype)
+        sd = build_random_architecture(args.arch, sample_size=args.sample_size, dtype=dtype)
+        if args.channels_last:
+            sd.set_channels_last()
+        backend: DenoiserBackend = sd
         label = f"{args.arch} architecture (random weights), {backend.resolution}px"
+        label += ", UNet channels-last" if args.channels_last else ""
     else:
         backend = load_backend(args.backend)
         label = f"{args.backend} backend"
+    label += ", cudnn.benchmark" if args.cudnn_benchmark else ""
     result = run(backend, label, args.batch, args.steps, args.repeats, args.loop_steps or args.steps, args.accel,
                  naive_loops=not args.no_naive_loops, full_tune=args.full_tune,
-                 full_tune_only=tuple(args.full_tune_only or ()))
+                 full_tune_only=tuple(args.full_tune_only or ()), only=args.only)
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", result)

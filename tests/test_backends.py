@@ -78,6 +78,28 @@ def test_gradient_reaches_c_s_through_the_unet(tiny):
     assert c_s.grad is not None and c_s.grad.abs().sum() > 0
 
 
+def test_channels_last_unet_gives_the_same_noise_and_gradient(tiny):
+    """The fast path's layout switch changes where numbers sit in memory, not the numbers."""
+    c = tiny.encode_text(["a photo of a dog"])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def forward_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        c_s = subject_slots(tiny.null_embedding(), 5)[0].clone().requires_grad_(True)
+        out = tiny.denoise(x, 400, splice_subject(c, c_s))
+        out.square().mean().backward()
+        return out.detach(), c_s.grad
+
+    out, grad = forward_and_grad()
+    tiny.set_channels_last()
+    assert tiny.channels_last and next(p for p in tiny.unet.parameters() if p.dim() == 4).is_contiguous(
+        memory_format=torch.channels_last)
+    out_cl, grad_cl = forward_and_grad()
+    tiny.set_channels_last(False)
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_cl, grad, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("model", ["/definitely/not/here", "./missing-folder"])
 def test_missing_stable_diffusion_folder_is_one_clear_line(model):
     with pytest.raises(ModelNotFoundError, match="does not exist") as info:

@@ -71,11 +71,12 @@ def test_modes_a_device_cannot_run_are_clear_errors():
         AdamStep(_quadratic, torch.zeros(8, 3), lr=0.1)
 
 
-def _tune(accel: str, device: str = "cpu"):
+def _tune(accel: str, device: str = "cpu", channels_last: bool = False):
     from hifi.algorithms.tune import TuneConfig, tune
     from hifi.registry import load_backend
 
     backend = load_backend("tiny", device=device)
+    backend.set_channels_last(channels_last)
     g = torch.Generator().manual_seed(3)
     images = (torch.rand(3, 3, backend.resolution, backend.resolution, generator=g) * 2 - 1).to(device)
     config = TuneConfig(steps=4, stepwise_steps=2, num_steps=2, accel=accel)
@@ -91,13 +92,22 @@ def test_tune_with_compiled_steps_matches_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (CI has none)")
-def test_graph_step_matches_eager_on_cuda():
+def test_graph_step_matches_eager_on_cuda(full_fp32):
     p_eager, l_eager = _run("eager", device="cuda")
     p_graph, l_graph = _run("graph", device="cuda")
     assert l_graph == pytest.approx(l_eager, rel=1e-4, abs=1e-6)
     torch.testing.assert_close(p_graph, p_eager, rtol=1e-4, atol=1e-5)
     eager, graph = _tune("eager", "cuda"), _tune("graph", "cuda")
     torch.testing.assert_close(graph.subject.c_s.cpu(), eager.subject.c_s.cpu(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (CI has none)")
+def test_channels_last_graph_tune_matches_eager_on_cuda(full_fp32):
+    """The fastest layout (UNet channels-last) captured as graphs gives the plain eager tune."""
+    eager, graph = _tune("eager", "cuda"), _tune("graph", "cuda", channels_last=True)
+    torch.testing.assert_close(graph.subject.c_s.cpu(), eager.subject.c_s.cpu(), rtol=1e-3, atol=1e-4)
+    for t, c_t in eager.subject.stepwise.items():
+        torch.testing.assert_close(graph.subject.stepwise[t].cpu(), c_t.cpu(), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

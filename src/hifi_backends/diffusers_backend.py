@@ -61,6 +61,8 @@ class DiffusersBackend:
             if next(module.parameters()).dtype != dtype:
                 module.to(dtype=dtype)
         self._phi: Tensor | None = None
+        self.channels_last = False
+        """Whether the UNet's weights are held channels-last (:meth:`set_channels_last`)."""
         self.perception_defaults = dict(perception_defaults or {})
         """Perception models that suit this model (``segmenter``, ``embedder``, ``clip``), by registry name."""
 
@@ -144,6 +146,17 @@ class DiffusersBackend:
             cond = cond.expand(x_t.shape[0], -1, -1)
         timestep = torch.as_tensor(t, device=x_t.device)
         return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
+
+    def set_channels_last(self, on: bool = True) -> None:
+        """Hold the UNet's weights channels-last (NHWC) or back in the default layout.
+
+        Convolutions take the layout of their weights, so every activation inside the UNet
+        follows; on a GPU, cuDNN then runs half-precision convolutions without transposing
+        around each one. Numbers stay the same up to floating-point reordering; speed is
+        measured in ``benchmarks/`` (the ``--memory-format`` rows).
+        """
+        self.unet.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        self.channels_last = on
 
     @property
     def attn_processors(self) -> dict[str, Any]:

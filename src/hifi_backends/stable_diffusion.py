@@ -120,12 +120,14 @@ def load_stable_diffusion(
     dtype: torch.dtype = torch.float32,
     attention: str = "sdpa",
     seed: int = 0,
+    channels_last: bool = False,
 ) -> DiffusersBackend:
     """Stable Diffusion 1.x/2.x from a diffusers folder or hub id (or ``random:sd14|sd21``).
 
     ``attention``: ``sdpa`` (PyTorch scaled-dot-product attention, diffusers' default),
     ``xformers`` (memory-efficient kernels; needs a working xformers install) or ``math``
-    (the plain reference implementation).
+    (the plain reference implementation). ``channels_last`` holds the UNet's weights in
+    NHWC (:meth:`DiffusersBackend.set_channels_last`).
     """
     if attention not in ATTENTION:
         raise HifiError(f"unknown attention {attention!r}; choose from {ATTENTION}")
@@ -142,6 +144,8 @@ def load_stable_diffusion(
             name=name, model_id=model, device=device or default_device(), dtype=dtype, **parts
         )
     _set_attention(backend, attention)
+    if channels_last:
+        backend.set_channels_last()
     return backend
 
 
@@ -176,11 +180,12 @@ def build_sd14_fp16_backend(
     device: str | None = None,
     precision: str = "fp16",
     attention: str = "sdpa",
+    channels_last: bool = False,
 ) -> DiffusersBackend:
-    """Registry entry ``sd14-fp16``: half precision (``fp16`` or ``bf16``), selectable attention."""
+    """Registry entry ``sd14-fp16``: half precision (``fp16`` or ``bf16``), selectable attention and layout."""
     if precision not in ("fp16", "bf16"):
         raise HifiError(f"precision must be fp16 or bf16, got {precision!r}")
     return load_stable_diffusion(
         model, name="sd14-fp16", device=device, dtype=_DTYPES[precision], attention=attention,
-        seed=seed,
+        seed=seed, channels_last=channels_last,
     )

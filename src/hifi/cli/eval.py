@@ -102,7 +102,7 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=None, help="tuning learning rate (default: the method's mode's)")
     p.add_argument("--stepwise-steps", type=int, default=10)
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
-                   help="how the tunes' c_s steps run: eager, compile, graph (CUDA); same results")
+                   help="how the tunes' c_s steps run: eager, compile, graph (CUDA, UNet channels-last); same results")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", default="none", help="none, auto, or DIR with DIR/<subject>/<photo>.png masks")

@@ -254,7 +254,7 @@ def register(sub: Any) -> None:
                    help="also write every stage (I_g1, masks, reference, transform, phi_h losses)")
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
                    help="run the forwards and phi_h steps eagerly, through torch.compile, or as CUDA graphs"
-                        " (graph: CUDA only; same images within tolerance)")
+                        " (graph: CUDA only, UNet channels-last; same images within tolerance)")
     p.add_argument("--segmenter", default=None, help="attention, grounded-sam, sam (default: as configured)")
     p.add_argument("--embedder", default=None, help="dino, clip, vae-latent (default: configured, else vae-latent)")
     p.add_argument("--captioner", default=None, help="blip2, blip, template (default: configured, else template)")
