@@ -42,7 +42,8 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
-                   help="run null-text inversion eagerly, through torch.compile, or as CUDA graphs (graph: CUDA only; it also holds the UNet channels-last)")
+                   help="run null-text inversion eagerly, through torch.compile, or as CUDA graphs"
+                        " (graph: CUDA only; it also holds the UNet channels-last)")
 
 
 def config_from_args(args: argparse.Namespace) -> NullTextConfig:

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
     p.add_argument("--prior-preservation", action="store_true", help="dreambooth: prior-preservation loss")
     p.add_argument("--class-images", type=int, default=4, help="dreambooth: class images for the prior")
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
-                   help="how the c_s steps run: eager (default), compile (torch.compile), graph (CUDA graph, UNet channels-last)")
+                   help="how the c_s steps run: eager (default), compile (torch.compile),"
+                        " graph (CUDA graph, UNet channels-last)")
     p.add_argument("--samples", type=int, default=2, help="sample images written to RUN_DIR/samples (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
