@@ -7,6 +7,10 @@ and the class among all classes (the prompt's scene held fixed). The same classi
 freshly rendered images (the renderer's own truth) is reported beside it, as the ceiling
 the classifier itself allows, and on those renders after a round trip through the model's
 VAE (encode, decode), the ceiling the latent space allows the UNet.
+
+:func:`colour_following` asks whether the prompted main colour comes out, without ToyCLIP:
+images for ``"a <colour> <class> <scene phrase>"``, the object found by the segmenter, and
+the palette colour nearest the median of its pixels; beside it the same on renders.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from torch import Tensor
 from hifi.algorithms.generate import generate
 from hifi.protocols import DenoiserBackend
 from hifi.subject import Subject
-from hifi.toyworld.world import CLASSES, SCENES, ToyObject, render, sample_object
+from hifi.toyworld.world import CLASSES, COLOURS, SCENES, Look, ToyObject, render, sample_object
 from hifi_backends.toy.perception import ToyClipEmbedder
 
-__all__ = ["FollowingReport", "classify", "prompt_following"]
+__all__ = ["ColourReport", "FollowingReport", "classify", "colour_following", "nearest_colour", "prompt_following"]
 
 
 @attrs.frozen
@@ -88,3 +92,62 @@ def prompt_following(backend: DenoiserBackend, clip: ToyClipEmbedder, samples: i
 
     return FollowingReport(samples, acc(got_scenes, scenes), acc(got_classes, classes), acc(r_scenes, scenes),
                            acc(r_classes, classes), acc(v_scenes, scenes), acc(v_classes, classes), rows)
+
+
+MAIN_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != "black")
+"""The colours the sampler draws as an object's main colour (black is for patterns and marks)."""
+
+
+@attrs.frozen
+class ColourReport:
+    samples: int
+    colour_accuracy: float
+    renders_colour_accuracy: float
+    rows: tuple[dict[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def nearest_colour(images: Tensor, masks: Tensor, min_pixels: int = 8) -> list[str | None]:
+    """The main colour nearest the per-channel median of each image's masked pixels.
+
+    ``images`` ``[B, 3, H, W]`` in [-1, 1], ``masks`` ``[B, H, W]`` (bool or probabilities);
+    ``None`` where the mask holds fewer than ``min_pixels`` pixels (no object found).
+    """
+    palette = torch.tensor([COLOURS[c] for c in MAIN_COLOURS], dtype=torch.float32) / 255.0
+    found: list[str | None] = []
+    for image, mask in zip(images.float().cpu(), masks.cpu() > 0.5, strict=True):
+        if int(mask.sum()) < min_pixels:
+            found.append(None)
+            continue
+        pixels = ((image + 1.0) / 2.0)[:, mask]  # [3, N] in [0, 1]
+        median = pixels.median(dim=1).values
+        found.append(MAIN_COLOURS[int((palette - median).norm(dim=1).argmin())])
+    return found
+
+
+def colour_following(backend: DenoiserBackend, segmenter: Any, samples: int = 40, *, seed: int = 1,
+                     num_steps: int = 25, guidance: float = 7.5) -> ColourReport:
+    """Generate ``samples`` images for random "a <colour> <class> <scene>" prompts; score the colour."""
+    rng = np.random.default_rng(seed)
+    objects = []
+    for _ in range(samples):
+        obj = sample_object(rng)
+        # Plain and unmarked renders: the ceiling of the measure itself, on the colour alone.
+        look = Look(obj.look.cls, str(rng.choice(MAIN_COLOURS)))
+        objects.append(ToyObject(look, obj.pose, obj.scene))
+    generated, renders = [], []
+    for i, o in enumerate(objects):
+        prompt = f"a {o.look.colour} {o.look.cls} {SCENES[o.scene]}"
+        generated.append(generate(backend, Subject.plain(o.look.cls), prompt, [seed * 100_000 + i],
+                                  guidance=guidance, num_steps=num_steps).images.cpu())
+        renders.append(torch.from_numpy(render(o, seed=seed * 100_000 + i)[0]).permute(2, 0, 1).float() / 127.5 - 1)
+    images, rendered = torch.cat(generated), torch.stack(renders)
+    found = nearest_colour(images, segmenter.segment(images, "object"))
+    found_r = nearest_colour(rendered, segmenter.segment(rendered, "object"))
+    truth = [o.look.colour for o in objects]
+    rows = tuple({"prompt": f"a {o.look.colour} {o.look.cls} {SCENES[o.scene]}", "colour": t, "found_colour": f,
+                  "render_found_colour": r} for o, t, f, r in zip(objects, truth, found, found_r, strict=True))
+    return ColourReport(samples, float(np.mean([f == t for f, t in zip(found, truth, strict=True)])),
+                        float(np.mean([r == t for r, t in zip(found_r, truth, strict=True)])), rows)

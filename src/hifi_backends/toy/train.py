@@ -18,7 +18,7 @@ long ones checkpoint every few hundred steps):
    a swapped-word term beside InfoNCE (see :func:`stage_clip_metric` for why).
 6. ``latents``: the pool encoded by the VAE; the scaling factor that gives unit variance.
 7. ``unet``: the UNet2DConditionModel on epsilon with Stable Diffusion's noise schedule,
-   conditioned on ToyCLIP's text tower (frozen), captions dropped 10% of the time for
+   conditioned on ToyCLIP's text tower (frozen; ``unet_text`` says which), captions dropped 10% of the time for
    classifier-free guidance; an exponential moving average of the weights is what ships.
 8. ``bundle``: everything in fp16 safetensors in a diffusers folder plus ``training.json``.
 
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from hifi.io import atomic_path, write_json
 from hifi.toyworld.subjects import SUBJECTS
-from hifi.toyworld.world import SCENES, Look, ToyObject, caption, render, sample_object, sample_pose
+from hifi.toyworld.world import COLOURS, SCENES, Look, ToyObject, caption, render, sample_object, sample_pose
 
 __all__ = ["TrainSettings", "main", "train_all"]
 
@@ -78,6 +78,8 @@ class TrainSettings:
     caption_drop: float = 0.25  # each phrase (colour, pattern, mark, scene) left out this often
     uncond_drop: float = 0.1  # whole caption left out (classifier-free guidance)
     photo_prefix: float = 0.3  # "a photo of ..." this often
+    unet_text: str = "clip"  # the text tower the UNet attends to: "clip" (the clip stage's) or "metric"
+    clip_metric_colour_swap: float = 0.0  # weight of a colour-swapped-word term in clip_metric (0: none)
 
     @classmethod
     def quick(cls) -> TrainSettings:
@@ -331,7 +333,10 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
     prompts "a <its class> <scene>" (the scene swapped), cross-entropy on the true one, as
     NegCLIP does with swapped captions. The weight of that term is ``clip_metric_swap``.
     Measured on 240 held-out renders while choosing this (1,200 steps): class 99%, scene
-    100%. The UNet keeps the ``clip`` stage's text tower; this copy only measures.
+    100%. The UNet keeps the ``clip`` stage's text tower by default; this copy only measures.
+    ``clip_metric_colour_swap`` > 0 adds a third swapped-word term (each image against "a
+    <colour> <its class>" for the 8 main colours), for a tower that keeps colour words apart
+    too (probe: ``unet_text="metric"`` with it, README "ToyWorld").
     """
     from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
@@ -359,6 +364,10 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
     grid = _token_ids(tokenizer, [f"a {c} {SCENES[sc]}" for c in CLASSES for sc in scenes])
     pool_class = torch.tensor([CLASSES.index(o.look.cls) for o in pool.objects])
     pool_scene = torch.tensor([scenes.index(o.scene) for o in pool.objects])
+    colours = [c for c in COLOURS if c != "black"]  # the main colours the sampler draws
+    colour_grid = _token_ids(tokenizer, [f"a {col} {c}" for col in colours for c in CLASSES]
+                             ) if s.clip_metric_colour_swap > 0 else None
+    pool_colour = torch.tensor([colours.index(o.look.colour) for o in pool.objects])
 
     def step(i: int) -> float:
         _schedule(opt, 1e-3, i, s.clip_metric_steps, warmup=50)
@@ -373,10 +382,16 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
             -1, len(CLASSES), len(scenes))
         rows, cls, scene = torch.arange(len(index)), pool_class[index], pool_scene[index]
         swap = F.cross_entropy(sim[rows, :, scene], cls) + F.cross_entropy(sim[rows, cls, :], scene)
+        total = loss + s.clip_metric_swap * swap
+        if colour_grid is not None:
+            # The colour swapped: each image against "a <colour> <its class>" for every main colour.
+            sim_c = scale * (image_emb @ F.normalize(text(input_ids=colour_grid).text_embeds, dim=-1).T).view(
+                -1, len(colours), len(CLASSES))
+            total = total + s.clip_metric_colour_swap * F.cross_entropy(sim_c[rows, :, cls], pool_colour[index])
         opt.zero_grad(set_to_none=True)
-        (loss + s.clip_metric_swap * swap).backward()
+        total.backward()
         opt.step()
-        return loss.item() + s.clip_metric_swap * swap.item()
+        return total.item()
 
     stats = _loop("clip_metric", work, s.clip_metric_steps, step,
                   {"text": text, "image": image, "scale": torch.nn.ParameterDict({"log_scale": log_scale}),
@@ -516,7 +531,7 @@ def stage_latents(work: Path, s: TrainSettings) -> dict[str, Any]:
 
 def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from hifi.kernels.ddim import Schedule, add_noise
     from hifi_backends.configs import load_config
@@ -525,9 +540,20 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     pool = Pool(work)
     latents = torch.load(work / "latents.pt", weights_only=True)["latents"]
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
-    clip = CLIPModel.from_pretrained(work / "toyclip")
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.load_state_dict(clip.text_model.state_dict())
+    # ``unet_text="metric"``: attend to the metric ToyCLIP's text tower instead of the ``clip``
+    # stage's. The clip stage's tower gives the class word nearly the same hidden state for
+    # every class (cosine 0.88 on average at the class token, up to 0.99); the metric tower,
+    # trained against swapped class words, -0.03 (README, ToyWorld).
+    if s.unet_text == "metric":
+        tower: Any = CLIPTextModelWithProjection.from_pretrained(work / "toyclip_metric" / "text")
+        source = tower.text_model
+    elif s.unet_text == "clip":
+        tower = CLIPModel.from_pretrained(work / "toyclip")
+        source = tower.text_model
+    else:
+        raise ValueError(f"unet_text must be 'clip' or 'metric', not {s.unet_text!r}")
+    text_encoder = CLIPTextModel(tower.config.text_config if s.unet_text == "clip" else tower.config)
+    text_encoder.load_state_dict(source.state_dict())
     text_encoder.eval().requires_grad_(False)
     _save_model_dir(text_encoder, work / "text_encoder")
     schedule = Schedule.from_config(load_config("sd14", "scheduler"))
