@@ -78,7 +78,8 @@ class TrainSettings:
     caption_drop: float = 0.25  # each phrase (colour, pattern, mark, scene) left out this often
     uncond_drop: float = 0.1  # whole caption left out (classifier-free guidance)
     photo_prefix: float = 0.3  # "a photo of ..." this often
-    unet_text: str = "clip"  # the text tower the UNet attends to: "clip" (the clip stage's) or "metric"
+    unet_text: str = attrs.field(default="clip", validator=attrs.validators.in_(("clip", "metric")))
+    """The text tower the UNet attends to: ``"clip"`` (the clip stage's) or ``"metric"``."""
     clip_metric_colour_swap: float = 0.0  # weight of a colour-swapped-word term in clip_metric (0: none)
 
     @classmethod
@@ -546,14 +547,11 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     # trained against swapped class words, -0.03 (README, ToyWorld).
     if s.unet_text == "metric":
         tower: Any = CLIPTextModelWithProjection.from_pretrained(work / "toyclip_metric" / "text")
-        source = tower.text_model
-    elif s.unet_text == "clip":
-        tower = CLIPModel.from_pretrained(work / "toyclip")
-        source = tower.text_model
+        text_encoder = CLIPTextModel(tower.config)
     else:
-        raise ValueError(f"unet_text must be 'clip' or 'metric', not {s.unet_text!r}")
-    text_encoder = CLIPTextModel(tower.config.text_config if s.unet_text == "clip" else tower.config)
-    text_encoder.load_state_dict(source.state_dict())
+        tower = CLIPModel.from_pretrained(work / "toyclip")
+        text_encoder = CLIPTextModel(tower.config.text_config)
+    text_encoder.load_state_dict(tower.text_model.state_dict())
     text_encoder.eval().requires_grad_(False)
     _save_model_dir(text_encoder, work / "text_encoder")
     schedule = Schedule.from_config(load_config("sd14", "scheduler"))
