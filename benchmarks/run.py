@@ -402,10 +402,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="only write the Markdown table of a results JSON beside it (e.g. one a GPU machine sent back)")
     args = p.parse_args(argv)
     if args.markdown is not None:
-        result = json.loads(args.markdown.read_text())
+        try:
+            result = json.loads(args.markdown.read_text())
+            table = to_markdown(result)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"benchmarks.run: {args.markdown} is not a results JSON ({type(error).__name__}: {error})",
+                  file=sys.stderr)
+            return 2
         with atomic_path(args.markdown.with_suffix(".md")) as tmp:
-            tmp.write_text(to_markdown(result))
-        print(to_markdown(result))
+            tmp.write_text(table)
+        print(table)
         return 0
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark

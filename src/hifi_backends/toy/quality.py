@@ -137,9 +137,9 @@ def colour_following(backend: DenoiserBackend, segmenter: Any, samples: int = 40
         # Plain and unmarked renders: the ceiling of the measure itself, on the colour alone.
         look = Look(obj.look.cls, str(rng.choice(MAIN_COLOURS)))
         objects.append(ToyObject(look, obj.pose, obj.scene))
+    prompts = [f"a {o.look.colour} {o.look.cls} {SCENES[o.scene]}" for o in objects]
     generated, renders = [], []
-    for i, o in enumerate(objects):
-        prompt = f"a {o.look.colour} {o.look.cls} {SCENES[o.scene]}"
+    for i, (o, prompt) in enumerate(zip(objects, prompts, strict=True)):
         generated.append(generate(backend, Subject.plain(o.look.cls), prompt, [seed * 100_000 + i],
                                   guidance=guidance, num_steps=num_steps).images.cpu())
         renders.append(torch.from_numpy(render(o, seed=seed * 100_000 + i)[0]).permute(2, 0, 1).float() / 127.5 - 1)
@@ -147,7 +147,7 @@ def colour_following(backend: DenoiserBackend, segmenter: Any, samples: int = 40
     found = nearest_colour(images, segmenter.segment(images, "object"))
     found_r = nearest_colour(rendered, segmenter.segment(rendered, "object"))
     truth = [o.look.colour for o in objects]
-    rows = tuple({"prompt": f"a {o.look.colour} {o.look.cls} {SCENES[o.scene]}", "colour": t, "found_colour": f,
-                  "render_found_colour": r} for o, t, f, r in zip(objects, truth, found, found_r, strict=True))
+    rows = tuple({"prompt": p, "colour": t, "found_colour": f, "render_found_colour": r}
+                 for p, t, f, r in zip(prompts, truth, found, found_r, strict=True))
     return ColourReport(samples, float(np.mean([f == t for f, t in zip(found, truth, strict=True)])),
                         float(np.mean([r == t for r, t in zip(found_r, truth, strict=True)])), rows)
