@@ -90,7 +90,8 @@ class Stages:
         self.has_ti = add is not None
         if add is not None:
             add(PLACEHOLDER)
-            self.vector = backend.input_embedding("dog").float().requires_grad_(True)
+            textual: Any = backend  # the backends with add_placeholder_token have input_embedding too
+            self.vector = textual.input_embedding("dog").float().requires_grad_(True)
             self.ti_opt = torch.optim.Adam([self.vector], lr=5e-3)
 
     def _noisy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

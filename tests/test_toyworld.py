@@ -140,6 +140,27 @@ def test_the_unet_can_attend_to_the_metric_tower_trained_with_a_colour_term(tmp_
         attrs.evolve(TrainSettings.quick(), unet_text="vit")
 
 
+def test_the_unet_gets_its_own_tower_and_the_weighted_loss(tmp_path):
+    """unet_text="unet": a clip_unet stage (colour term) apart from the metric; Min-SNR and object weights."""
+    import attrs
+    from safetensors.torch import load_file
+
+    from hifi_backends.toy.train import TrainSettings, train_all
+
+    settings = attrs.evolve(TrainSettings.quick(), unet_text="unet", unet_snr_gamma=5.0,
+                            unet_object_weight=3.0)
+    report = train_all(tmp_path / "bundle", tmp_path / "work", settings, parallel=False)
+    assert "clip_unet" in report["stages"] and math.isfinite(report["stages"]["unet"]["final_loss"])
+    unet_text = load_file(str(tmp_path / "work" / "text_encoder" / "model.safetensors"))
+    own = load_file(str(tmp_path / "work" / "toyclip_unet" / "text" / "model.safetensors"))
+    metric = load_file(str(tmp_path / "work" / "toyclip_metric" / "text" / "model.safetensors"))
+    assert all(torch.equal(v, own[f"text_model.{k}"]) for k, v in unet_text.items())
+    assert any(not torch.equal(v, metric[f"text_model.{k}"]) for k, v in unet_text.items())
+    # Without it the stage is not run at all.
+    plain = train_all(tmp_path / "bundle2", tmp_path / "work2", TrainSettings.quick(), parallel=False)
+    assert "clip_unet" not in plain["stages"] and not (tmp_path / "work2" / "toyclip_unet").exists()
+
+
 def test_missing_toy_folder_is_one_clear_error(tmp_path):
     from hifi.errors import ModelNotFoundError
     from hifi.registry import load_backend

@@ -15,11 +15,15 @@ long ones checkpoint every few hundred steps):
 5. ``segmenter``: the mask network, BCE + Dice on the exact masks. Then ``clip_metric``:
    the metric ToyCLIP (ToyCLIP-I, ToyCLIP-T, the prompt-following check), the ``clip``
    stage's text tower with a CNN image tower warm-started from the identity embedder, with
-   a swapped-word term beside InfoNCE (see :func:`stage_clip_metric` for why).
+   a swapped-word term beside InfoNCE (see :func:`_train_text_image_towers` for why).
+   With ``unet_text="unet"``, ``clip_unet`` after it: the same recipe plus a colour-swapped
+   term, a text tower for the UNet alone (:func:`stage_clip_unet`).
 6. ``latents``: the pool encoded by the VAE; the scaling factor that gives unit variance.
 7. ``unet``: the UNet2DConditionModel on epsilon with Stable Diffusion's noise schedule,
    conditioned on ToyCLIP's text tower (frozen; ``unet_text`` says which), captions dropped 10% of the time for
    classifier-free guidance; an exponential moving average of the weights is what ships.
+   Optionally Min-SNR-gamma weighting over timesteps (``unet_snr_gamma``) and extra weight
+   on the latent cells the object covers (``unet_object_weight``).
 8. ``bundle``: everything in fp16 safetensors in a diffusers folder plus ``training.json``.
 
 Stages 2 and 3-5 (with their second phases) run side by side in two processes of one thread each (small models use
@@ -78,9 +82,13 @@ class TrainSettings:
     caption_drop: float = 0.25  # each phrase (colour, pattern, mark, scene) left out this often
     uncond_drop: float = 0.1  # whole caption left out (classifier-free guidance)
     photo_prefix: float = 0.3  # "a photo of ..." this often
-    unet_text: str = attrs.field(default="clip", validator=attrs.validators.in_(("clip", "metric")))
-    """The text tower the UNet attends to: ``"clip"`` (the clip stage's) or ``"metric"``."""
+    unet_text: str = attrs.field(default="clip", validator=attrs.validators.in_(("clip", "metric", "unet")))
+    """The text tower the UNet attends to: ``"clip"`` (the clip stage's), ``"metric"`` (the metric
+    ToyCLIP's) or ``"unet"`` (its own, from the ``clip_unet`` stage)."""
     clip_metric_colour_swap: float = 0.0  # weight of a colour-swapped-word term in clip_metric (0: none)
+    clip_unet_colour_swap: float = 2.0  # the clip_unet stage's colour-swapped-word weight
+    unet_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain epsilon MSE
+    unet_object_weight: float = 0.0  # extra loss weight on the latent cells the object covers (0: none)
 
     @classmethod
     def quick(cls) -> TrainSettings:
@@ -321,7 +329,25 @@ def stage_clip(work: Path, s: TrainSettings) -> dict[str, Any]:
 
 
 def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
-    """The metric ToyCLIP: the ``clip`` stage's text tower and a CNN image tower.
+    """The metric ToyCLIP (:func:`_train_text_image_towers`, written to ``toyclip_metric``)."""
+    return _train_text_image_towers(work, s, "clip_metric", colour_swap=s.clip_metric_colour_swap)
+
+
+def stage_clip_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
+    """The UNet's own text tower (``unet_text="unet"``): the metric recipe with the colour term.
+
+    The ``clip`` stage's tower gives every class word nearly the same state, so a UNet
+    attending to it draws blobs; the metric tower keeps classes apart but not colours (its
+    colour words' states have cosine up to 0.98), so a UNet on it loses colour (README,
+    ToyWorld probes). This copy is trained with the colour-swapped term too and kept apart
+    from the metric ToyCLIP, so the metric does not share the generator's text tower.
+    """
+    return _train_text_image_towers(work, s, "clip_unet", colour_swap=s.clip_unet_colour_swap)
+
+
+def _train_text_image_towers(work: Path, s: TrainSettings, name: str, *, colour_swap: float) -> dict[str, Any]:
+    """The metric ToyCLIP
+: the ``clip`` stage's text tower and a CNN image tower.
 
     After the ``clip`` stage, ToyCLIP's ViT image tower told scenes apart (100% on renders)
     but not classes (25%; its text tower's "a mug on the beach" and "a ball on the beach"
@@ -367,7 +393,7 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
     pool_scene = torch.tensor([scenes.index(o.scene) for o in pool.objects])
     colours = [c for c in COLOURS if c != "black"]  # the main colours the sampler draws
     colour_grid = _token_ids(tokenizer, [f"a {col} {c}" for col in colours for c in CLASSES]
-                             ) if s.clip_metric_colour_swap > 0 else None
+                             ) if colour_swap > 0 else None
     pool_colour = torch.tensor([colours.index(o.look.colour) for o in pool.objects])
 
     def step(i: int) -> float:
@@ -388,16 +414,16 @@ def stage_clip_metric(work: Path, s: TrainSettings) -> dict[str, Any]:
             # The colour swapped: each image against "a <colour> <its class>" for every main colour.
             sim_c = scale * (image_emb @ F.normalize(text(input_ids=colour_grid).text_embeds, dim=-1).T).view(
                 -1, len(colours), len(CLASSES))
-            total = total + s.clip_metric_colour_swap * F.cross_entropy(sim_c[rows, :, cls], pool_colour[index])
+            total = total + colour_swap * F.cross_entropy(sim_c[rows, :, cls], pool_colour[index])
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         return total.item()
 
-    stats = _loop("clip_metric", work, s.clip_metric_steps, step,
+    stats = _loop(name, work, s.clip_metric_steps, step,
                   {"text": text, "image": image, "scale": torch.nn.ParameterDict({"log_scale": log_scale}),
                    "opt": opt})
-    dest, tmp = work / "toyclip_metric", work / ".toyclip_metric.tmp"
+    dest, tmp = work / _DONE[name], work / f".{_DONE[name]}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     text.save_pretrained(tmp / "text", safe_serialization=True)
     _save_small(image, tmp / "image")
@@ -545,8 +571,9 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     # stage's. The clip stage's tower gives the class word nearly the same hidden state for
     # every class (cosine 0.88 on average at the class token, up to 0.99); the metric tower,
     # trained against swapped class words, -0.03 (README, ToyWorld).
-    if s.unet_text == "metric":
-        tower: Any = CLIPTextModelWithProjection.from_pretrained(work / "toyclip_metric" / "text")
+    if s.unet_text in ("metric", "unet"):
+        folder = "toyclip_metric" if s.unet_text == "metric" else "toyclip_unet"
+        tower: Any = CLIPTextModelWithProjection.from_pretrained(work / folder / "text")
         text_encoder = CLIPTextModel(tower.config)
     else:
         tower = CLIPModel.from_pretrained(work / "toyclip")
@@ -556,6 +583,14 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     _save_model_dir(text_encoder, work / "text_encoder")
     schedule = Schedule.from_config(load_config("sd14", "scheduler"))
     alphas = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
+    # Min-SNR-gamma (Hang et al. 2023), for epsilon prediction: weight min(SNR, gamma) / SNR,
+    # so the nearly clean timesteps, whose noise is hardest to see and least about shape, stop
+    # dominating the gradient. Off (all ones) when unet_snr_gamma is 0.
+    snr = alphas / (1 - alphas)
+    t_weight = snr.clamp(max=s.unet_snr_gamma) / snr if s.unet_snr_gamma > 0 else torch.ones_like(snr)
+    # The object covers a few of the 64 latent cells; unet_object_weight adds weight there
+    # (its fraction of each cell, from the exact masks), as vae_detail does in pixels.
+    cell_cover = F.avg_pool2d(pool.masks[:, None].float(), 8) if s.unet_object_weight > 0 else None
 
     torch.manual_seed(s.seed + 5)
     unet = UNet2DConditionModel(**unet_config(cross_attention_dim=text_encoder.config.hidden_size))
@@ -579,7 +614,11 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
         t = torch.randint(0, schedule.num_train_timesteps, (s.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = add_noise(x0, noise, alphas[t])
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise)
+        err = (unet(x_t, t, encoder_hidden_states=cond).sample - noise).pow(2)
+        if cell_cover is not None:
+            w = 1.0 + s.unet_object_weight * cell_cover[index]
+            err = err * (w / w.mean(dim=(2, 3), keepdim=True))
+        loss = (err.mean(dim=(1, 2, 3)) * t_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -641,14 +680,15 @@ def stage_bundle(work: Path, out: Path, s: TrainSettings, report: dict[str, Any]
 
 # -- orchestration ----------------------------------------------------------------------------
 
-STAGES = ("render", "vae", "vae_detail", "clip", "identity", "segmenter", "clip_metric", "latents", "unet")
+STAGES = ("render", "vae", "vae_detail", "clip", "identity", "segmenter", "clip_metric", "clip_unet", "latents",
+          "unet")
 _DONE = {"render": "pool.json", "vae": "vae", "vae_detail": "vae_final", "clip": "toyclip", "identity": "identity",
-         "segmenter": "segmenter", "clip_metric": "toyclip_metric",
+         "segmenter": "segmenter", "clip_metric": "toyclip_metric", "clip_unet": "toyclip_unet",
          "latents": "latents.pt", "unet": "unet"}
 _FUNCS: dict[str, Callable[[Path, TrainSettings], Any]] = {
     "vae": stage_vae, "vae_detail": stage_vae_detail, "clip": stage_clip, "identity": stage_identity,
     "segmenter": stage_segmenter,
-    "clip_metric": stage_clip_metric,
+    "clip_metric": stage_clip_metric, "clip_unet": stage_clip_unet,
     "latents": stage_latents, "unet": stage_unet,
 }
 
@@ -685,17 +725,19 @@ def train_all(out: str | Path, work: str | Path, settings: TrainSettings | None 
     began = time.time()
     torch.set_num_threads(2)
     run_stage("render", work, s)
+    # The clip_unet stage only when the UNet attends to its tower.
+    stages = [n for n in STAGES if n != "clip_unet" or s.unet_text == "unet"]
     if parallel:
-        procs = [_subprocess_stages(["vae", "vae_detail"], work, s, 1),
-                 _subprocess_stages(["clip", "identity", "segmenter", "clip_metric"], work, s, 1)]
+        second: list[str] = [n for n in ("clip", "identity", "segmenter", "clip_metric", "clip_unet") if n in stages]
+        procs = [_subprocess_stages(["vae", "vae_detail"], work, s, 1), _subprocess_stages(second, work, s, 1)]
         codes = [p.wait() for p in procs]
         if any(codes):
             raise RuntimeError(f"a training process failed (exit codes {codes}); rerun to resume")
-    for name in STAGES[1:]:
+    for name in stages[1:]:
         run_stage(name, work, s)
     report = {
         "settings": attrs.asdict(s),
-        "stages": {name: json.loads((work / f"{name}.json").read_text()) for name in STAGES},
+        "stages": {name: json.loads((work / f"{name}.json").read_text()) for name in stages},
         "wall_seconds_total": round(time.time() - began, 1),
         "torch": torch.__version__,
         "threads": 2,
