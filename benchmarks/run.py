@@ -220,24 +220,26 @@ def core_rows(backend: DenoiserBackend, s: Stages, accel: str, repeats: int) -> 
     layouts = [False, True] if hasattr(backend, "set_channels_last") else [False]
     tuners = [False, True] if backend.device.type == "cuda" else [False]
     was = bool(getattr(backend, "channels_last", False)), torch.backends.cudnn.benchmark
-    for autotune in tuners:
-        torch.backends.cudnn.benchmark = autotune
-        for channels_last in layouts:
-            if len(layouts) > 1:
-                backend.set_channels_last(channels_last)  # type: ignore[attr-defined]
-            setting = "UNet channels-last" if channels_last else "UNet NCHW"
-            setting += ", cudnn.benchmark" if autotune else ""
-            cases = [("c_s step", s.accelerated_c_s_step(accel), s.c_s_step),
-                     ("CFG forward (batch 2)", s.cfg_forward(accel), s.cfg_forward("eager"))]
-            for stage, fast, eager in cases:
-                fast_s = timed(backend, fast, repeats, warmup=3)  # the first calls compile or capture
-                eager_s = timed(backend, eager, repeats, warmup=1)
-                rows.append({"stage": f"{stage}, --accel {accel}, {setting}", "seconds": fast_s,
-                             "naive": f"the same eager, {setting}", "naive_seconds": eager_s,
-                             "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
-    if len(layouts) > 1:
-        backend.set_channels_last(was[0])  # type: ignore[attr-defined]
-    torch.backends.cudnn.benchmark = was[1]
+    try:
+        for autotune in tuners:
+            torch.backends.cudnn.benchmark = autotune
+            for channels_last in layouts:
+                if len(layouts) > 1:
+                    backend.set_channels_last(channels_last)  # type: ignore[attr-defined]
+                setting = "UNet channels-last" if channels_last else "UNet NCHW"
+                setting += ", cudnn.benchmark" if autotune else ""
+                cases = [("c_s step", s.accelerated_c_s_step(accel), s.c_s_step),
+                         ("CFG forward (batch 2)", s.cfg_forward(accel), s.cfg_forward("eager"))]
+                for stage, fast, eager in cases:
+                    fast_s = timed(backend, fast, repeats, warmup=3)  # the first calls compile or capture
+                    eager_s = timed(backend, eager, repeats, warmup=1)
+                    rows.append({"stage": f"{stage}, --accel {accel}, {setting}", "seconds": fast_s,
+                                 "naive": f"the same eager, {setting}", "naive_seconds": eager_s,
+                                 "speedup": eager_s / fast_s, "peak_mb": _peak_mb(backend)})
+    finally:  # a failing row must not leave the backend switched
+        if len(layouts) > 1:
+            backend.set_channels_last(was[0])  # type: ignore[attr-defined]
+        torch.backends.cudnn.benchmark = was[1]
     return rows
 
 
