@@ -16,6 +16,7 @@ Writes ``metric-probe.json``; the bundle is not changed.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hifi.errors import HifiError
 from hifi.io import write_json
 from hifi.registry import load_backend
 from hifi.toyworld.world import CLASSES, SCENES
@@ -42,6 +44,8 @@ def probe_round_trip_metric(work: str | Path, *, metric: str | None = None, gene
 
     work = Path(work)
     began = time.time()
+    backend = load_backend("toy", model=generator)  # first, so a bad folder fails before the decoding
+    clip = load_toyclip(metric)
     pool = Pool(work)
     count = min(images, len(pool))
     vae = AutoencoderKL.from_pretrained(work / "vae_final", low_cpu_mem_usage=False).eval()
@@ -51,8 +55,6 @@ def probe_round_trip_metric(work: str | Path, *, metric: str | None = None, gene
              .sample.clamp(-1, 1) + 1) / 2
             for a in range(0, count, 250)
         ])
-    backend = load_backend("toy", model=generator)
-    clip = load_toyclip(metric)
     before = prompt_following(backend, clip, samples=samples, num_steps=25)
     scenes = list(SCENES)
     with torch.no_grad():
@@ -94,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (Path(args.work) / "vae_final").is_dir():
         p.error(f"{args.work} has no vae_final/: give the work folder of `python -m hifi_backends.toy.train`")
-    result = probe_round_trip_metric(args.work, metric=args.metric, generator=args.generator, steps=args.steps)
+    try:
+        result = probe_round_trip_metric(args.work, metric=args.metric, generator=args.generator, steps=args.steps)
+    except HifiError as err:  # e.g. a --metric or --generator folder that is not a ToyWorld model
+        print(f"toyworld_metric_probe: error: {err}", file=sys.stderr)
+        return 2
     write_json(Path(args.out) / "metric-probe.json", result)
     print(result)
     return 0
