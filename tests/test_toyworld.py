@@ -154,7 +154,7 @@ def test_the_unet_gets_its_own_tower_and_the_weighted_loss(tmp_path):
     unet_text = load_file(str(tmp_path / "work" / "text_encoder" / "model.safetensors"))
     own = load_file(str(tmp_path / "work" / "toyclip_unet" / "text" / "model.safetensors"))
     metric = load_file(str(tmp_path / "work" / "toyclip_metric" / "text" / "model.safetensors"))
-    assert all(torch.equal(v, own[f"text_model.{k}"]) for k, v in unet_text.items())
+    assert unet_text and all(torch.equal(v, own[f"text_model.{k}"]) for k, v in unet_text.items())
     assert any(not torch.equal(v, metric[f"text_model.{k}"]) for k, v in unet_text.items())
     # Without it the stage is not run at all.
     plain = train_all(tmp_path / "bundle2", tmp_path / "work2", TrainSettings.quick(), parallel=False)

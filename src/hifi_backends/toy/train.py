@@ -346,8 +346,10 @@ def stage_clip_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
 
 
 def _train_text_image_towers(work: Path, s: TrainSettings, name: str, *, colour_swap: float) -> dict[str, Any]:
-    """The metric ToyCLIP
-: the ``clip`` stage's text tower and a CNN image tower.
+    """A text tower and a CNN image tower trained together, written to ``work/_DONE[name]``.
+
+    The recipe of the metric ToyCLIP (stage ``clip_metric``) and of the UNet's own tower
+    (stage ``clip_unet``): the ``clip`` stage's text tower and a CNN image tower.
 
     After the ``clip`` stage, ToyCLIP's ViT image tower told scenes apart (100% on renders)
     but not classes (25%; its text tower's "a mug on the beach" and "a ball on the beach"
@@ -360,10 +362,11 @@ def _train_text_image_towers(work: Path, s: TrainSettings, name: str, *, colour_
     prompts "a <its class> <scene>" (the scene swapped), cross-entropy on the true one, as
     NegCLIP does with swapped captions. The weight of that term is ``clip_metric_swap``.
     Measured on 240 held-out renders while choosing this (1,200 steps): class 99%, scene
-    100%. The UNet keeps the ``clip`` stage's text tower by default; this copy only measures.
-    ``clip_metric_colour_swap`` > 0 adds a third swapped-word term (each image against "a
-    <colour> <its class>" for the 8 main colours), for a tower that keeps colour words apart
-    too (probe: ``unet_text="metric"`` with it, README "ToyWorld").
+    100%. The UNet keeps the ``clip`` stage's text tower by default; the metric copy only measures.
+    ``colour_swap`` > 0 adds a third swapped-word term (each image against "a <colour> <its
+    class>" for the 8 main colours), for a tower that keeps colour words apart too
+    (``clip_metric_colour_swap`` for the metric, ``clip_unet_colour_swap`` for the UNet's own;
+    README "ToyWorld").
     """
     from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
