@@ -69,12 +69,17 @@ def build_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
     return CLIPModel(config)
 
 
-def vae_config() -> dict[str, Any]:
-    """A 4-level AutoencoderKL: 64x64x3 images <-> 8x8x4 latents (Stable Diffusion's factor 8)."""
+def vae_config(width: tuple[int, ...] = (16, 32, 64, 64)) -> dict[str, Any]:
+    """A 4-level AutoencoderKL: 64x64x3 images <-> 8x8x4 latents (Stable Diffusion's factor 8).
+
+    ``width``: the channels of the four levels (four numbers, each a multiple of 8).
+    """
+    if len(width) != 4 or any(w % 8 for w in width):
+        raise ValueError(f"vae width must be four multiples of 8, got {width}")
     return dict(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 32, 64, 64),
+        block_out_channels=tuple(width),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
@@ -84,16 +89,22 @@ def vae_config() -> dict[str, Any]:
     )
 
 
-def unet_config(cross_attention_dim: int = 64) -> dict[str, Any]:
-    """A two-level conditional UNet on 8x8x4 latents, cross-attending to the text tower."""
+def unet_config(cross_attention_dim: int = 64, width: tuple[int, ...] = (64, 128), layers: int = 1) -> dict[str, Any]:
+    """A conditional UNet on 8x8x4 latents, cross-attending to the text tower.
+
+    ``width``: the channels of each level (two by default: 8x8 and 4x4; multiples of 32);
+    ``layers``: ResNet + attention layers per level.
+    """
+    if not 1 <= len(width) <= 3 or any(w % 32 for w in width) or layers < 1:
+        raise ValueError(f"unet width must be 1 to 3 multiples of 32 and layers >= 1, got {width}, {layers}")
     return dict(
         sample_size=SIZE // 8,
         in_channels=4,
         out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=layers,
+        block_out_channels=tuple(width),
+        down_block_types=("CrossAttnDownBlock2D",) * len(width),
+        up_block_types=("CrossAttnUpBlock2D",) * len(width),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=16,
         norm_num_groups=32,

@@ -1,0 +1,199 @@
+"""ToyWorld's GPU recipe in one call of a lent GPU machine (README, ToyWorld; issue: ToyWorld).
+
+    python -m benchmarks.toyworld_gpu --carried DIR --work /tmp/tw --out OUT
+
+``DIR`` holds the small models of a CPU run's work folder (``tokenizer``, ``toyclip_metric``,
+``toyclip_unet``, ``identity``, ``segmenter`` and their ``<stage>.json``): they take minutes
+on the CPU and are not what limits the generated class. This script then runs, on the GPU,
+what does: the pool (re-rendered from the seed, ``looks`` of :meth:`TrainSettings.gpu`), the
+VAE stages, the latents, and then the UNet of each variant side by side in two processes
+(one GPU, launch-bound small models, so they share it well). Each variant becomes a bundle
+(``bundle-<variant>.tar.gz`` in ``OUT``) and is checked at once on the GPU (60 generations,
+ToyCLIP class and scene, the VAE's round-trip ceiling; ``checks.json``). Before all that,
+a smoke run of the same stages at quick sizes on the device, so a device bug costs seconds.
+
+The step counts are fitted to wall-clock budgets (``vae_seconds``, ``unet_seconds``); what
+each stage ran is in the bundle's ``training.json``, which reproduces it as plain settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from hifi.io import write_json
+from hifi_backends.toy.train import TrainSettings, run_stage, stage_bundle
+
+SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter")
+"""The folders carried from a CPU run (with their stages' ``.json``)."""
+SMALL_STATS = ("clip", "clip_metric", "clip_unet", "identity", "segmenter")
+SHARED = ("pool.npz", "pool.json", "render.json", "latents.pt", "latents.json", "vae_final", "vae.json",
+          "vae_detail.json", *SMALL, *(f"{n}.json" for n in SMALL_STATS))
+"""What the UNet variants' work folders link to in the main one."""
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "u64": {"unet_width": (64, 128)},  # the CPU bundle's UNet shape
+    "u128": {"unet_width": (128, 128)},  # twice the width at 8x8 latents
+}
+
+
+def _copy_small(carried: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    for name in SMALL:
+        if not (carried / name).is_dir():
+            raise FileNotFoundError(f"{carried / name} is missing (see this module's docstring)")
+        shutil.copytree(carried / name, work / name, dirs_exist_ok=True)
+    for name in SMALL_STATS:
+        if (carried / f"{name}.json").exists():
+            shutil.copy(carried / f"{name}.json", work / f"{name}.json")
+
+
+def _unet_process(work: Path, s: TrainSettings, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "hifi_backends.toy.train", "--work", str(work), "--stages", "unet",
+           "--settings", json.dumps(attrs.asdict(s))]
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HIFI_TOY_THREADS="2"))
+
+
+def _report(work: Path, s: TrainSettings, stages: list[str]) -> dict[str, Any]:
+    return {
+        "settings": attrs.asdict(s),
+        "stages": {n: json.loads((work / f"{n}.json").read_text()) for n in stages if (work / f"{n}.json").exists()},
+        "torch": torch.__version__,
+        "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "note": "GPU recipe (TrainSettings.gpu(), benchmarks/toyworld_gpu.py): render, vae, vae_detail, latents"
+                " and unet ran on the GPU; the small models (clip_metric, clip_unet, identity, segmenter, tokenizer)"
+                " were carried from the CPU run of the same seed. The step counts each stage ran are in its"
+                " 'steps' (fitted to vae_seconds / unet_seconds).",
+    }
+
+
+PART = 15 * 2**20
+"""The device machine returns files of at most 16 MiB: a bundle's archive goes back in parts
+``NAME.00``, ``NAME.01``, ... (``cat NAME.* > NAME`` joins them)."""
+
+
+def _pack(folder: Path, archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    data = archive.read_bytes()
+    archive.unlink()
+    for k in range(0, len(data), PART):
+        archive.with_name(f"{archive.name}.{k // PART:02d}").write_bytes(data[k:k + PART])
+
+
+def _check(bundle: Path, device: str, samples: int) -> dict[str, Any]:
+    from hifi_backends.toy.backend import build_toy_backend
+    from hifi_backends.toy.perception import load_toyclip
+    from hifi_backends.toy.quality import prompt_following
+
+    began = time.time()
+    backend = build_toy_backend(model=str(bundle), device=device)
+    report = prompt_following(backend, load_toyclip(str(bundle)), samples=samples, num_steps=25)
+    out = report.as_dict()
+    out.pop("rows", None)
+    out["seconds"] = round(time.time() - began, 1)
+    return out
+
+
+def train_variants(carried: Path, work: Path, out: Path, settings: TrainSettings,
+                   variants: dict[str, dict[str, Any]], *, samples: int = 60) -> dict[str, Any]:
+    """The shared stages in ``work``, then each variant's UNet beside the others, bundled and checked."""
+    _copy_small(carried, work)
+    results: dict[str, Any] = {"settings": attrs.asdict(settings), "variants": {}}
+    for name in ("render", "vae", "vae_detail", "latents"):
+        began = time.time()
+        run_stage(name, work, settings)
+        print(f"[toyworld_gpu] {name}: {time.time() - began:.1f} s", flush=True)
+    procs = {}
+    for v, overrides in variants.items():
+        vwork = work.parent / f"{work.name}-{v}"
+        vwork.mkdir(exist_ok=True)
+        for name in SHARED:
+            link = vwork / name
+            if (work / name).exists() and not link.exists():
+                link.symlink_to((work / name).resolve())
+        vs = attrs.evolve(settings, **overrides)
+        procs[v] = (vwork, vs, _unet_process(vwork, vs, out / f"unet-{v}.log"))
+    for v, (vwork, vs, proc) in procs.items():
+        code = proc.wait()
+        entry: dict[str, Any] = {"overrides": {k: list(x) if isinstance(x, tuple) else x
+                                               for k, x in variants[v].items()}, "exit": code}
+        if code == 0:
+            bundle = work.parent / f"bundle-{v}"
+            stages = ["render", "vae", "vae_detail", *SMALL_STATS, "latents", "unet"]
+            stage_bundle(vwork, bundle, vs, _report(vwork, vs, stages))
+            _pack(bundle, out / f"bundle-{v}.tar.gz")
+            entry["unet"] = json.loads((vwork / "unet.json").read_text())
+            try:
+                entry["check"] = _check(bundle, settings.device, samples)
+            except Exception:  # keep the bundles whatever the check does
+                entry["check_error"] = traceback.format_exc()
+        results["variants"][v] = entry
+        write_json(out / "checks.json", results)
+        print(f"[toyworld_gpu] {v}: {json.dumps(entry)[:600]}", flush=True)
+    return results
+
+
+def smoke(carried: Path, work: Path, settings: TrainSettings, variants: dict[str, dict[str, Any]]) -> None:
+    """The same stages at quick sizes on the device (seconds), so a device bug shows before the long run."""
+    quick = TrainSettings.quick()
+    base = attrs.evolve(settings, looks=64, vae_steps=3, vae_detail_steps=3, unet_steps=4, vae_batch=4, unet_batch=4,
+                        vae_seconds=0.0, unet_seconds=0.0, render_workers=2, segmenter_steps=quick.segmenter_steps)
+    _copy_small(carried, work)
+    for name in ("render", "vae", "vae_detail", "latents"):
+        run_stage(name, work, base)
+    for v, overrides in variants.items():
+        vs = attrs.evolve(base, **overrides)
+        shutil.rmtree(work / "unet", ignore_errors=True)
+        for stale in ("unet.json", "unet.ckpt"):
+            (work / stale).unlink(missing_ok=True)
+        run_stage("unet", work, vs)
+        bundle = work / f"bundle-{v}"
+        stage_bundle(work, bundle, vs, _report(work, vs, ["unet"]))
+        check = _check(bundle, settings.device, samples=2)
+        print(f"[toyworld_gpu] smoke {v}: ok ({check['seconds']} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.toyworld_gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--carried", required=True, help="the small models of a CPU run (see the module docstring)")
+    p.add_argument("--work", default="/tmp/toyworld-gpu")
+    p.add_argument("--out", required=True, help="bundles (tar.gz), checks.json and the UNet logs")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--settings", default=None, help="JSON of TrainSettings fields over TrainSettings.gpu()")
+    p.add_argument("--samples", type=int, default=60)
+    p.add_argument("--skip-smoke", action="store_true")
+    args = p.parse_args(argv)
+    settings = attrs.evolve(TrainSettings.gpu(), device=args.device, **json.loads(args.settings or "{}"))
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    variants = {n: VARIANTS[n] for n in names}
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_smoke:
+        began = time.time()
+        smoke(Path(args.carried), work.parent / f"{work.name}-smoke", settings, variants)
+        print(f"[toyworld_gpu] smoke: {time.time() - began:.1f} s", flush=True)
+    train_variants(Path(args.carried), work, out, settings, variants, samples=args.samples)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

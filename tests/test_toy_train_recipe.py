@@ -1,0 +1,105 @@
+"""The ToyWorld training script's GPU recipe pieces: budgets, widths, fast tokens, the orchestrator."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+
+import attrs
+import numpy as np
+import pytest
+import torch
+
+from hifi.toyworld.world import sample_object
+from hifi_backends.toy.models import build_tokenizer, unet_config, vae_config
+from hifi_backends.toy.train import Plan, TrainSettings, WordTokens, _loop, main, train_caption
+
+
+def test_word_tokens_give_the_tokenizers_ids():
+    tokenizer = build_tokenizer()
+    rng = np.random.default_rng(0)
+    texts = [train_caption(sample_object(rng), rng, TrainSettings()) for _ in range(400)]
+    texts += ["", "a photo of a red mug on the beach", " ".join(["red"] * 50)]  # empty, plain, truncated
+    words = WordTokens(tokenizer)
+    assert torch.equal(words(texts), words.reference(texts))
+    assert words.matches(texts)
+    assert words(texts[-1:]).shape == (1, tokenizer.model_max_length)
+    # The guard the training stage relies on: a word path that disagrees is caught.
+    words.cache["mug"] = [words.cache["mug"][0] + 1]
+    assert not words.matches(["a mug on the beach"])
+
+
+def test_a_budget_replans_the_step_count_inside_the_warm_up(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    calls: list[int] = []
+
+    def step(i: int) -> torch.Tensor:
+        calls.append(i)
+        time.sleep(0.01)
+        return torch.tensor(0.5)
+
+    plan = Plan(100_000, seconds=1.0, probe=(2, 10), every=10)
+    stats = _loop("fit", tmp_path, plan, step, {"model": model}, every=25)
+    # about 1 s at 10 ms a step: far fewer than asked, a multiple of `every`, all of them run
+    assert 20 <= stats["steps"] <= 200 and stats["steps"] % 10 == 0, stats
+    assert calls == list(range(stats["steps"])) and stats["final_loss"] == pytest.approx(0.5)
+    # Without a budget the count is kept.
+    assert _loop("plain", tmp_path, 7, lambda i: 1.0, {"model": model})["steps"] == 7
+
+
+def test_a_resumed_run_keeps_the_count_it_planned(tmp_path):
+    model = torch.nn.Linear(2, 1)
+
+    def failing(i: int) -> float:
+        if i == 60:
+            raise KeyboardInterrupt
+        time.sleep(0.005)
+        return 1.0
+
+    with pytest.raises(KeyboardInterrupt):
+        _loop("fit", tmp_path, Plan(100_000, seconds=0.5, probe=(2, 10), every=10), failing, {"model": model},
+              every=25)
+    payload = torch.load(tmp_path / "fit.ckpt", weights_only=True)
+    assert payload["step"] == 50 and payload["total"] < 100_000
+    stats = _loop("fit", tmp_path, Plan(100_000, seconds=0.5, probe=(2, 10), every=10), lambda i: 1.0,
+                  {"model": model}, every=25)
+    assert stats["steps"] == payload["total"] and stats["resumed_at"] == 50
+
+
+def test_settings_round_trip_through_json_and_widths_are_checked():
+    gpu = TrainSettings.gpu()
+    again = TrainSettings(**json.loads(json.dumps(attrs.asdict(gpu))))
+    assert again == gpu and again.vae_width == (32, 64, 96, 96) and again.unet_width == (128, 128)
+    assert unet_config(width=(128, 128))["down_block_types"] == ("CrossAttnDownBlock2D",) * 2
+    with pytest.raises(ValueError, match="vae width"):
+        vae_config((16, 32, 64))
+    with pytest.raises(ValueError, match="unet width"):
+        unet_config(width=(80, 160))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_training_on_cuda_without_cuda_is_refused_at_once(tmp_path, capsys):
+    assert main(["--quick", "--device", "cuda", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "b")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert main(["--quick", "--stages", "vae,unetz", "--work", str(tmp_path / "w")]) == 2
+    assert "unknown stage(s) ['unetz']" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_gpu_orchestrator_packs_bundles_in_parts_and_refuses_unknown_variants(tmp_path, monkeypatch, capsys):
+    from benchmarks import toyworld_gpu
+
+    folder = tmp_path / "bundle-x"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(np.random.default_rng(0).bytes(50_000))
+    monkeypatch.setattr(toyworld_gpu, "PART", 20_000)
+    toyworld_gpu._pack(folder, tmp_path / "bundle-x.tar.gz")
+    parts = sorted(tmp_path.glob("bundle-x.tar.gz.*"))
+    assert len(parts) == 3 and not (tmp_path / "bundle-x.tar.gz").exists()
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        member = tar.extractfile("bundle-x/weights.bin")
+        assert member is not None and member.read() == (folder / "weights.bin").read_bytes()
+    assert toyworld_gpu.main(["--carried", str(tmp_path), "--out", str(tmp_path / "o"), "--variants", "u7"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
