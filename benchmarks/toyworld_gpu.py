@@ -60,6 +60,20 @@ def _copy_small(carried: Path, work: Path) -> None:
             shutil.copy(carried / f"{name}.json", work / f"{name}.json")
 
 
+def carry_vae(folder: Path, work: Path) -> None:
+    """Use a trained VAE (a diffusers ``AutoencoderKL`` folder, e.g. the bundle's ``vae``) instead of
+    training one: it becomes ``work/vae_final`` (in fp32) and the VAE stages are skipped."""
+    from diffusers import AutoencoderKL
+
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a diffusers AutoencoderKL folder (no config.json)")
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    work.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(work / "vae_final")
+    for name in ("vae", "vae_detail"):
+        write_json(work / f"{name}.json", {"carried_from": str(folder)})
+
+
 def _unet_process(work: Path, s: TrainSettings, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "hifi_backends.toy.train", "--work", str(work), "--stages", "unet",
            "--settings", json.dumps(attrs.asdict(s))]
@@ -109,11 +123,18 @@ def _check(bundle: Path, device: str, samples: int) -> dict[str, Any]:
 
 
 def train_variants(carried: Path, work: Path, out: Path, settings: TrainSettings,
-                   variants: dict[str, dict[str, Any]], *, samples: int = 60) -> dict[str, Any]:
-    """The shared stages in ``work``, then each variant's UNet beside the others, bundled and checked."""
+                   variants: dict[str, dict[str, Any]], *, samples: int = 60,
+                   vae: Path | None = None) -> dict[str, Any]:
+    """The shared stages in ``work``, then each variant's UNet beside the others, bundled and checked.
+
+    With ``vae`` (a trained VAE's folder) the VAE stages are not run: see :func:`carry_vae`.
+    """
     _copy_small(carried, work)
-    results: dict[str, Any] = {"settings": attrs.asdict(settings), "variants": {}}
-    for name in ("render", "vae", "vae_detail", "latents"):
+    results: dict[str, Any] = {"settings": attrs.asdict(settings), "variants": {},
+                               "vae": str(vae) if vae else "trained here"}
+    if vae is not None:
+        carry_vae(vae, work)
+    for name in ("render", "latents") if vae is not None else ("render", "vae", "vae_detail", "latents"):
         began = time.time()
         run_stage(name, work, settings)
         print(f"[toyworld_gpu] {name}: {time.time() - began:.1f} s", flush=True)
@@ -177,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=None, help="JSON of TrainSettings fields over TrainSettings.gpu()")
     p.add_argument("--samples", type=int, default=60)
     p.add_argument("--skip-smoke", action="store_true")
+    p.add_argument("--vae", default=None,
+                   help="a trained VAE folder (e.g. src/hifi_backends/toy/bundle/vae) instead of the VAE stages,"
+                        " so a call's time goes to the UNet")
     args = p.parse_args(argv)
     settings = attrs.evolve(TrainSettings.gpu(), device=args.device, **json.loads(args.settings or "{}"))
     names = args.variants.split(",")
@@ -185,13 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
         return 2
     variants = {n: VARIANTS[n] for n in names}
+    if args.vae and not (Path(args.vae) / "config.json").exists():
+        print(f"error: --vae {args.vae} is not a diffusers AutoencoderKL folder (no config.json)", file=sys.stderr)
+        return 2
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     if not args.skip_smoke:
         began = time.time()
         smoke(Path(args.carried), work.parent / f"{work.name}-smoke", settings, variants)
         print(f"[toyworld_gpu] smoke: {time.time() - began:.1f} s", flush=True)
-    train_variants(Path(args.carried), work, out, settings, variants, samples=args.samples)
+    train_variants(Path(args.carried), work, out, settings, variants, samples=args.samples,
+                   vae=Path(args.vae) if args.vae else None)
     return 0
 
 

@@ -103,3 +103,21 @@ def test_gpu_orchestrator_packs_bundles_in_parts_and_refuses_unknown_variants(tm
         assert member is not None and member.read() == (folder / "weights.bin").read_bytes()
     assert toyworld_gpu.main(["--carried", str(tmp_path), "--out", str(tmp_path / "o"), "--variants", "u7"]) == 2
     assert "unknown variant" in capsys.readouterr().err
+
+
+def test_gpu_orchestrator_carries_a_trained_vae_in_fp32(tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from benchmarks import toyworld_gpu
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**vae_config())
+    vae.half().save_pretrained(tmp_path / "vae")
+    toyworld_gpu.carry_vae(tmp_path / "vae", tmp_path / "work")
+    carried = AutoencoderKL.from_pretrained(tmp_path / "work" / "vae_final", low_cpu_mem_usage=False)
+    assert all(p.dtype == torch.float32 for p in carried.parameters())
+    for a, b in zip(carried.parameters(), vae.parameters(), strict=True):
+        assert torch.equal(a, b.float())
+    assert json.loads((tmp_path / "work" / "vae_detail.json").read_text())["carried_from"] == str(tmp_path / "vae")
+    assert toyworld_gpu.main(["--carried", str(tmp_path), "--out", str(tmp_path / "o"), "--vae", str(tmp_path)]) == 2
+    assert "not a diffusers AutoencoderKL folder" in capsys.readouterr().err and not (tmp_path / "o").exists()
