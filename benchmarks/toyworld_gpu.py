@@ -77,8 +77,8 @@ def carry_vae(folder: Path, work: Path) -> None:
 def _unet_process(work: Path, s: TrainSettings, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "hifi_backends.toy.train", "--work", str(work), "--stages", "unet",
            "--settings", json.dumps(attrs.asdict(s))]
-    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, HIFI_TOY_THREADS="2"))
+    with log.open("wb") as f:  # the child keeps its own handle
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, HIFI_TOY_THREADS="2"))
 
 
 def _report(work: Path, s: TrainSettings, stages: list[str]) -> dict[str, Any]:
