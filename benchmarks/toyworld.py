@@ -276,7 +276,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 # -- the model check --------------------------------------------------------------------------
 
 
-def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, num_steps: int = 25) -> dict[str, Any]:
+def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, num_steps: int = 25,
+              guidance: float = 7.5) -> dict[str, Any]:
     """Prompt following and metric separation of the ToyWorld model; writes ``check.json`` and ``check.md``."""
     from hifi_backends.toy.perception import build_toy_segmenter, load_toyclip
     from hifi_backends.toy.quality import colour_following, prompt_following
@@ -285,18 +286,19 @@ def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, n
     backend = load_backend("toy", model=model)
     clip = load_toyclip(model)
     began = time.time()
-    report = prompt_following(backend, clip, samples=samples, num_steps=num_steps)
-    colour = colour_following(backend, build_toy_segmenter(model=model), samples=samples, num_steps=num_steps)
+    report = prompt_following(backend, clip, samples=samples, num_steps=num_steps, guidance=guidance)
+    colour = colour_following(backend, build_toy_segmenter(model=model), samples=samples, num_steps=num_steps,
+                              guidance=guidance)
     seconds = round(time.time() - began, 1)
     separation = _separation(backend, Scorers(load_embedder("toy-id", model=model), clip), num_steps)
     result = {"prompt_following": report.as_dict(), "colour_following": colour.as_dict(), "seconds": seconds,
-              "num_steps": num_steps,
+              "num_steps": num_steps, "guidance": guidance,
               "separation": separation, "model": model or "bundled ToyWorld model"}
     write_json(out / "check.json", result)
     md = [
         "# ToyWorld model check",
         "",
-        f"{samples} generations (T = {num_steps} DDIM steps, guidance 7.5) for prompts \"a <class> <scene>\";"
+        f"{samples} generations (T = {num_steps} DDIM steps, guidance {guidance:g}) for prompts \"a <class> <scene>\";"
         " ToyCLIP zero-shot picks the scene among all 10 (the prompt's class fixed) and the class among all 8"
         " (the prompt's scene fixed).",
         "",
@@ -378,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default=None, help="a ToyWorld folder (default: the bundled one)")
     c.add_argument("--samples", type=int, default=60)
     c.add_argument("--ddim-steps", type=int, default=25)
+    c.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     t = sub.add_parser("tables", help="Table 1 and Table 2 on ToyWorld")
     t.add_argument("--out", default="benchmarks/results/toyworld-tables")
     t.add_argument("--model", default=None, help="model folder (default: the bundled ToyWorld model)")
@@ -398,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.command == "check":
-        result = run_check(args.out, model=args.model, samples=args.samples, num_steps=args.ddim_steps)
+        result = run_check(args.out, model=args.model, samples=args.samples, num_steps=args.ddim_steps,
+                           guidance=args.guidance)
         print((Path(args.out) / "check.md").read_text())
         del result
         return 0

@@ -120,3 +120,13 @@ def test_gpu_orchestrator_carries_a_trained_vae_in_fp32(tmp_path, capsys):
     assert json.loads((tmp_path / "work" / "vae_detail.json").read_text())["carried_from"] == str(tmp_path / "vae")
     assert toyworld_gpu.main(["--carried", str(tmp_path), "--out", str(tmp_path / "o"), "--vae", str(tmp_path)]) == 2
     assert "not a diffusers AutoencoderKL folder" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_model_check_takes_a_guidance_scale(tmp_path):
+    from benchmarks.toyworld import main as toyworld_main
+
+    assert toyworld_main(["check", "--out", str(tmp_path), "--samples", "2", "--ddim-steps", "2",
+                          "--guidance", "3"]) == 0
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["guidance"] == 3.0 and result["prompt_following"]["samples"] == 2
+    assert "guidance 3)" in (tmp_path / "check.md").read_text()
