@@ -321,7 +321,8 @@ def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, n
     ]
     md += [
         "Do the metrics separate? Each subject's photos against: its own other photos (real vs real), every other",
-        "subject's photos, and 4 generations of its class word alone (\"a mug on the beach\", no tuning);",
+        "subject's photos, and 4 generations of its class word alone (\"a mug on the beach\", no tuning,"
+        " guidance 7.5 whatever the scale above);",
         "mean and 95% bootstrap interval over the 10 subjects.",
         "",
         "| row | identity (DINO's role) | ToyCLIP-I |",
@@ -380,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default=None, help="a ToyWorld folder (default: the bundled one)")
     c.add_argument("--samples", type=int, default=60)
     c.add_argument("--ddim-steps", type=int, default=25)
-    c.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    c.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale of the prompt-following and colour generations"
+                        " (the separation rows keep 7.5)")
     t = sub.add_parser("tables", help="Table 1 and Table 2 on ToyWorld")
     t.add_argument("--out", default="benchmarks/results/toyworld-tables")
     t.add_argument("--model", default=None, help="model folder (default: the bundled ToyWorld model)")
