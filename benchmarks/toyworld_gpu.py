@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="a trained VAE folder (e.g. src/hifi_backends/toy/bundle/vae) instead of the VAE stages,"
                         " so a call's time goes to the UNet")
     args = p.parse_args(argv)
-    settings = attrs.evolve(TrainSettings.gpu(), device=args.device, **json.loads(args.settings or "{}"))
+    try:
+        settings = attrs.evolve(TrainSettings.gpu(), device=args.device, **json.loads(args.settings or "{}"))
+    except (ValueError, TypeError) as e:  # bad JSON, an unknown field or a bad value
+        print(f"error: --settings: {e}", file=sys.stderr)
+        return 2
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
