@@ -34,7 +34,7 @@ import attrs
 import torch
 
 from hifi.io import write_json
-from hifi_backends.toy.train import TrainSettings, run_stage, stage_bundle
+from hifi_backends.toy.train import TrainSettings, _device, _save_model_dir, run_stage, stage_bundle
 
 SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter")
 """The folders carried from a CPU run (with their stages' ``.json``)."""
@@ -69,7 +69,7 @@ def carry_vae(folder: Path, work: Path) -> None:
         raise FileNotFoundError(f"{folder} is not a diffusers AutoencoderKL folder (no config.json)")
     vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     work.mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(work / "vae_final")
+    _save_model_dir(vae, work / "vae_final")  # written beside, then moved in
     for name in ("vae", "vae_detail"):
         write_json(work / f"{name}.json", {"carried_from": str(folder)})
 
@@ -81,16 +81,18 @@ def _unet_process(work: Path, s: TrainSettings, log: Path) -> subprocess.Popen[b
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, HIFI_TOY_THREADS="2"))
 
 
-def _report(work: Path, s: TrainSettings, stages: list[str]) -> dict[str, Any]:
+def _report(work: Path, s: TrainSettings, stages: list[str], *, vae_carried: bool = False) -> dict[str, Any]:
+    ran = "render, latents and unet" if vae_carried else "render, vae, vae_detail, latents and unet"
+    carried = "clip_metric, clip_unet, identity, segmenter, tokenizer" + (", and the VAE (see vae.json)" if vae_carried
+                                                                          else "")
     return {
         "settings": attrs.asdict(s),
         "stages": {n: json.loads((work / f"{n}.json").read_text()) for n in stages if (work / f"{n}.json").exists()},
         "torch": torch.__version__,
         "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "note": "GPU recipe (TrainSettings.gpu(), benchmarks/toyworld_gpu.py): render, vae, vae_detail, latents"
-                " and unet ran on the GPU; the small models (clip_metric, clip_unet, identity, segmenter, tokenizer)"
-                " were carried from the CPU run of the same seed. The step counts each stage ran are in its"
-                " 'steps' (fitted to vae_seconds / unet_seconds).",
+        "note": f"GPU recipe (TrainSettings.gpu(), benchmarks/toyworld_gpu.py): {ran} ran on {s.device!r}; the"
+                f" models ({carried}) were carried from an earlier run of the same seed. The step counts"
+                " each stage ran are in its 'steps' (fitted to vae_seconds / unet_seconds).",
     }
 
 
@@ -155,7 +157,7 @@ def train_variants(carried: Path, work: Path, out: Path, settings: TrainSettings
         if code == 0:
             bundle = work.parent / f"bundle-{v}"
             stages = ["render", "vae", "vae_detail", *SMALL_STATS, "latents", "unet"]
-            stage_bundle(vwork, bundle, vs, _report(vwork, vs, stages))
+            stage_bundle(vwork, bundle, vs, _report(vwork, vs, stages, vae_carried=vae is not None))
             _pack(bundle, out / f"bundle-{v}.tar.gz")
             entry["unet"] = json.loads((vwork / "unet.json").read_text())
             try:
@@ -215,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     variants = {n: VARIANTS[n] for n in names}
     if args.vae and not (Path(args.vae) / "config.json").exists():
         print(f"error: --vae {args.vae} is not a diffusers AutoencoderKL folder (no config.json)", file=sys.stderr)
+        return 2
+    missing = [n for n in SMALL if not (Path(args.carried) / n).is_dir()]
+    if missing:
+        print(f"error: --carried {args.carried} lacks {', '.join(missing)} (see this module's docstring)",
+              file=sys.stderr)
+        return 2
+    try:
+        _device(settings)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

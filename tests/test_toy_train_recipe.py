@@ -106,6 +106,9 @@ def test_gpu_orchestrator_packs_bundles_in_parts_and_refuses_unknown_variants(tm
     for bad in ('{"unet_steps": ', '{"unet_stepz": 3}'):
         assert toyworld_gpu.main(["--carried", str(tmp_path), "--out", str(tmp_path / "o"), "--settings", bad]) == 2
         assert "error: --settings" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # No carried small models: one line, before any work.
+    assert toyworld_gpu.main(["--carried", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "lacks tokenizer, toyclip_metric" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_gpu_orchestrator_carries_a_trained_vae_in_fp32(tmp_path, capsys):
