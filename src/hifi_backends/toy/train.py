@@ -700,6 +700,7 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     ema.requires_grad_(False)
     unet.to(dev)
     ema.to(dev)
+    params, ema_params = list(unet.parameters()), list(ema.parameters())  # once, not every step
     opt = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.0)
     gen = torch.Generator().manual_seed(s.seed + 5)
     rng = np.random.default_rng(s.seed + 5)
@@ -732,7 +733,7 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
         opt.step()
         with torch.no_grad():
             d = min(decay, (1 + i) / (10 + i))
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - d)
+            torch._foreach_lerp_(ema_params, params, 1 - d)
         return loss.detach()
 
     stats = _loop("unet", work, plan, step, {"model": unet, "ema": ema, "opt": opt}, every=250)
