@@ -277,13 +277,16 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, num_steps: int = 25,
-              guidance: float = 7.5) -> dict[str, Any]:
-    """Prompt following and metric separation of the ToyWorld model; writes ``check.json`` and ``check.md``."""
+              guidance: float = 7.5, device: str | None = None) -> dict[str, Any]:
+    """Prompt following and metric separation of the ToyWorld model; writes ``check.json`` and ``check.md``.
+
+    ``device`` is where the diffusion model runs (default the CPU); the scorers stay on the CPU.
+    """
     from hifi_backends.toy.perception import build_toy_segmenter, load_toyclip
     from hifi_backends.toy.quality import colour_following, prompt_following
 
     out = Path(out)
-    backend = load_backend("toy", model=model)
+    backend = load_backend("toy", model=model, **({"device": device} if device else {}))
     clip = load_toyclip(model)
     began = time.time()
     report = prompt_following(backend, clip, samples=samples, num_steps=num_steps, guidance=guidance)
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale of the prompt-following and colour generations"
                         " (the separation rows keep 7.5)")
+    c.add_argument("--device", default=None, help="where the diffusion model runs (default: cpu)")
     t = sub.add_parser("tables", help="Table 1 and Table 2 on ToyWorld")
     t.add_argument("--out", default="benchmarks/results/toyworld-tables")
     t.add_argument("--model", default=None, help="model folder (default: the bundled ToyWorld model)")
@@ -404,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.command == "check":
-        result = run_check(args.out, model=args.model, samples=args.samples, num_steps=args.ddim_steps,
-                           guidance=args.guidance)
+        try:
+            result = run_check(args.out, model=args.model, samples=args.samples, num_steps=args.ddim_steps,
+                               guidance=args.guidance, device=args.device)
+        except HifiError as err:
+            print(f"toyworld: error: {err}", file=sys.stderr)
+            return 2
         print((Path(args.out) / "check.md").read_text())
         del result
         return 0

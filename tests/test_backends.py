@@ -151,3 +151,15 @@ def test_full_size_architectures_run_the_kernels(arch, width, prediction):
         )
         out = backend.decode_latents(x)
     assert out.shape == image.shape and torch.isfinite(out).all()
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error_before_any_loading():
+    from hifi.errors import HifiError
+    from hifi.registry import check_device, load_backend
+
+    check_device("cpu")
+    with pytest.raises(HifiError, match="unknown device 'gpu0'"):
+        load_backend("tiny", device="gpu0")
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(HifiError, match=f"device '{missing}' was asked for"):
+        load_backend("tiny", device=missing)

@@ -246,3 +246,14 @@ def test_hifi_edit_end_to_end(photo, tmp_path, capsys):
     summary = json.loads((tmp_path / "edit.json").read_text())
     assert summary["edited_caption"] == "a dog on the grass"
     assert summary["own_token_positions"] == [2], "only the new word keeps its own map"
+
+
+def test_content_tokens_come_from_the_protocol_and_match_the_tokenizer(tiny):
+    from hifi.algorithms.replace import _content_tokens
+
+    for prompt in (CAPTION, "a photo of a dog", "", "a cat " * 60):
+        expected = tiny.tokenizer(prompt, add_special_tokens=False).input_ids
+        found = _content_tokens(tiny, prompt)
+        # a prompt too long for the encoder is cut where the encoder cuts it (start and end kept)
+        assert found == expected[: tiny.max_length - 2], prompt[:20]
+    assert len(_content_tokens(tiny, "a cat " * 60)) == tiny.max_length - 2

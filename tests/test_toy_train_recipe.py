@@ -136,3 +136,44 @@ def test_the_model_check_takes_a_guidance_scale(tmp_path):
     result = json.loads((tmp_path / "check.json").read_text())
     assert result["guidance"] == 3.0 and result["prompt_following"]["samples"] == 2
     assert "guidance 3)" in (tmp_path / "check.md").read_text()
+
+
+def test_finetune_goes_on_from_a_bundle_and_replaces_only_its_unet(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from hifi_backends.toy.backend import BUNDLE
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    quick = {"looks": 64, "unet_steps": 4, "unet_batch": 4, "device": "cpu", "render_workers": 1,
+             "unet_seconds": 0, "unet_lr": 1e-5}
+    args = ["--finetune", str(BUNDLE), "--work", str(work), "--settings", json.dumps(quick)]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "training.json").read_text())
+    assert report["settings"]["unet_init"] == str(BUNDLE) and report["settings"]["unet_batch"] == 4
+    assert report["init"] == json.loads((BUNDLE / "training.json").read_text())
+    # It went on from the bundle's weights: a fresh UNet's epsilon loss starts near 1.
+    assert report["stages"]["unet"]["steps"] == 4 and report["stages"]["unet"]["final_loss"] < 0.3
+    vae = json.loads((BUNDLE / "vae" / "config.json").read_text())
+    assert report["stages"]["latents"]["scaling_factor"] == pytest.approx(vae["scaling_factor"])
+    # Every model but the UNet is the bundle's, byte for byte; the UNet moved.
+    for f in sorted(p for p in BUNDLE.rglob("*") if p.is_file()):
+        rel = f.relative_to(BUNDLE)
+        if rel.parts[0] not in ("unet", "training.json"):
+            assert (out / rel).read_bytes() == f.read_bytes(), rel
+    before, after = load_file(str(BUNDLE / "unet" / "diffusion_pytorch_model.safetensors")), load_file(
+        str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    # The same work folder with another bundle is refused (its latents are the first bundle's).
+    assert main(["--finetune", str(out), "--work", str(work), "--settings", json.dumps(quick),
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "another run" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # Not a bundle, a UNet of other widths, a settings field that does not exist: one line, exit 2.
+    assert main(["--finetune", str(tmp_path), "--out", str(tmp_path / "o3")]) == 2
+    assert "not a ToyWorld bundle" in capsys.readouterr().err
+    wrong = {**quick, "unet_width": [64, 128]}
+    assert main(["--finetune", str(BUNDLE), "--work", str(tmp_path / "w4"), "--settings", json.dumps(wrong),
+                 "--out", str(tmp_path / "o4")]) == 2
+    assert "unet_width" in capsys.readouterr().err and not (tmp_path / "o4").exists()
+    assert main(["--quick", "--settings", '{"unet_stepz": 3}', "--work", str(tmp_path / "w5")]) == 2
+    assert "unet_stepz" in capsys.readouterr().err

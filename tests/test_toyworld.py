@@ -181,10 +181,11 @@ def test_bundled_model_follows_prompts():
     """The issue's 80% bound for the scene, on 16 samples with a margin (the full check: benchmarks.toyworld check).
 
     ToyCLIP itself must recognise class and scene on renders (it does: 98% and 100% on 60).
-    The issue's 80% for the class is not met (52% of 60, README), so the class is held to
-    what the bundle does reach, well above chance (1 in 8): at least 4 of 16. The VAE round
-    trip keeps 87% of 60 renders' classes; at least 11 of 16 here. (On 2026-11-26 this sample
-    gave class 8, round trip 14 and scene 15 of 16.)
+    The issue's 80% for the class is not met (63% of 60, README), so the class is held to
+    what the bundle does reach, well above chance (1 in 8): at least 7 of 16. The VAE round
+    trip keeps 87% of 60 renders' classes; at least 11 of 16 here. (On 2026-11-27 this sample
+    gave class 11, round trip 14 and scene 15 of 16; with the bundle before the CPU
+    fine-tune, class 8.)
     """
     from hifi.registry import load_backend
     from hifi_backends.toy.perception import load_toyclip
@@ -193,7 +194,7 @@ def test_bundled_model_follows_prompts():
     report = prompt_following(load_backend("toy"), load_toyclip(), samples=16, seed=1, num_steps=15)
     assert report.renders_scene_accuracy >= 0.9 and report.renders_class_accuracy >= 0.85, report
     assert report.scene_accuracy >= 0.7, report.rows
-    assert report.class_accuracy >= 4 / 16, report.rows
+    assert report.class_accuracy >= 7 / 16, report.rows
     assert report.vae_class_accuracy >= 11 / 16, report
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from hifi.errors import HifiError
 from hifi.protocols import DenoiserBackend
 
-__all__ = ["available_backends", "backend_perception_defaults", "load_backend", "register_backend"]
+__all__ = ["available_backends", "backend_perception_defaults", "check_device", "load_backend", "register_backend"]
 
 BackendFactory = Callable[..., DenoiserBackend]
 
@@ -40,11 +40,33 @@ def available_backends() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def check_device(device: Any) -> None:
+    """A clear :class:`HifiError` if ``device`` (``"cpu"``, ``"cuda:1"``, a torch.device...) is not on this machine."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise HifiError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from err
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HifiError(f"device {str(device)!r} was asked for, but this machine has no usable CUDA device"
+                            f" (torch {torch.__version__}); use --device cpu")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise HifiError(f"device {str(device)!r} was asked for, but this machine has"
+                            f" {torch.cuda.device_count()} CUDA device(s)")
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise HifiError(f"device {str(device)!r} was asked for, but this machine has no MPS device; use --device cpu")
+
+
 def load_backend(name: str, **options: Any) -> DenoiserBackend:
     """Build backend ``name``; ``options`` go to its factory (``model``, ``device``, ``seed``...).
 
-    Raises :class:`HifiError` naming the known backends when ``name`` is unknown.
+    Raises :class:`HifiError` naming the known backends when ``name`` is unknown, and when
+    ``device`` is not on this machine.
     """
+    if options.get("device") is not None:
+        check_device(options["device"])
     factory = _REGISTERED.get(name)
     if factory is None:
         ep = _entry_points().get(name)

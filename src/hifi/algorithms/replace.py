@@ -129,11 +129,12 @@ def swap_caption_word(caption: str, word: str, replacement: str) -> str:
 
 
 def _content_tokens(backend: DenoiserBackend, prompt: str) -> list[int]:
-    """The prompt's token ids without special tokens."""
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is None:
-        raise HifiError(f"backend {backend.name!r} exposes no tokenizer, which prompt-to-prompt needs")
-    return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    """The prompt's token ids between the start and end tokens, as :meth:`DenoiserBackend.token_ids`
+    lays them out (the empty prompt's second id is the end token; truncated as the encoder sees it)."""
+    ids = backend.token_ids([prompt, ""])
+    row, end_token = [int(i) for i in ids[0]], int(ids[1, 1])
+    stop = row.index(end_token, 1) if end_token in row[1:] else len(row)
+    return row[1:stop]
 
 
 def edit_image(

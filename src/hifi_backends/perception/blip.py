@@ -117,6 +117,22 @@ class BlipCaptioner:
         return captions
 
 
+def _build(slot: ModelSlot, model_class: Any, tiny: Callable[[], tuple[Any, Any, PixelConfig]], resize: int,
+           generate: Any, name: str, model: str | None, device: str | None, dtype: str | None,
+           max_new_tokens: int) -> BlipCaptioner:
+    """A captioner from ``model`` (or the slot's variable or default): a random tiny one, or the weights."""
+    source = resolve(slot, model)
+    if is_random(source):
+        net, tokenizer, pixels = tiny()
+    else:
+        net = load_pretrained(model_class, slot, source)
+        tokenizer = load_tokenizer(slot, source)
+        pixels = read_pixel_config(source, PixelConfig(resize=resize, mean=CLIP_MEAN, std=CLIP_STD),
+                                   net.config.vision_config.image_size)
+    return BlipCaptioner(place(net, pick_device(device), pick_dtype(dtype)), tokenizer, pixels, generate, name,
+                         max_new_tokens)
+
+
 @with_slots(BLIP2_SLOT)
 def build_blip2_captioner(
     *, model: str | None = None, device: str | None = None, dtype: str | None = None, max_new_tokens: int = 30,
@@ -125,16 +141,8 @@ def build_blip2_captioner(
     """Registry entry ``blip2``: ``model`` or ``$HIFI_BLIP2_MODEL`` or ``Salesforce/blip2-opt-2.7b``."""
     from transformers import Blip2ForConditionalGeneration
 
-    source = resolve(BLIP2_SLOT, model)
-    if is_random(source):
-        blip2, tokenizer, pixels = tiny_blip2()
-    else:
-        blip2 = load_pretrained(Blip2ForConditionalGeneration, BLIP2_SLOT, source)
-        tokenizer = load_tokenizer(BLIP2_SLOT, source)
-        pixels = read_pixel_config(source, PixelConfig(resize=224, mean=CLIP_MEAN, std=CLIP_STD),
-                                   blip2.config.vision_config.image_size)
-    return BlipCaptioner(place(blip2, pick_device(device), pick_dtype(dtype)), tokenizer, pixels, _generate_blip2,
-                         "blip2", max_new_tokens)
+    return _build(BLIP2_SLOT, Blip2ForConditionalGeneration, tiny_blip2, 224, _generate_blip2, "blip2", model, device,
+                  dtype, max_new_tokens)
 
 
 @with_slots(BLIP_SLOT)
@@ -145,13 +153,5 @@ def build_blip_captioner(
     """Registry entry ``blip``: ``model`` or ``$HIFI_BLIP_MODEL`` or ``Salesforce/blip-image-captioning-base``."""
     from transformers import BlipForConditionalGeneration
 
-    source = resolve(BLIP_SLOT, model)
-    if is_random(source):
-        blip, tokenizer, pixels = tiny_blip()
-    else:
-        blip = load_pretrained(BlipForConditionalGeneration, BLIP_SLOT, source)
-        tokenizer = load_tokenizer(BLIP_SLOT, source)
-        pixels = read_pixel_config(source, PixelConfig(resize=384, mean=CLIP_MEAN, std=CLIP_STD),
-                                   blip.config.vision_config.image_size)
-    return BlipCaptioner(place(blip, pick_device(device), pick_dtype(dtype)), tokenizer, pixels, _generate_blip,
-                         "blip", max_new_tokens)
+    return _build(BLIP_SLOT, BlipForConditionalGeneration, tiny_blip, 384, _generate_blip, "blip", model, device,
+                  dtype, max_new_tokens)

@@ -20,6 +20,7 @@ import torch
 
 from hifi.errors import HifiError, ModelNotFoundError
 from hifi.perception_registry import RANDOM_TINY, ModelSlot, default_device, looks_like_path
+from hifi.registry import check_device
 from hifi_backends.perception.pixels import PixelConfig
 
 __all__ = [
@@ -91,6 +92,9 @@ def is_random(source: str) -> bool:
 
 
 def pick_device(device: str | None) -> torch.device:
+    """``device`` (a clear error if it is not on this machine), or CUDA when present."""
+    if device is not None:
+        check_device(device)
     return torch.device(device or default_device())
 
 

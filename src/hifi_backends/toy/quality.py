@@ -31,8 +31,15 @@ from hifi_backends.toy.perception import ToyClipEmbedder
 __all__ = ["ColourReport", "FollowingReport", "classify", "colour_following", "nearest_colour", "prompt_following"]
 
 
+class _Report:
+    """A report that writes itself as plain data (``check.json``)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)  # type: ignore[arg-type]  # the subclasses are attrs classes
+
+
 @attrs.frozen
-class FollowingReport:
+class FollowingReport(_Report):
     samples: int
     scene_accuracy: float
     class_accuracy: float
@@ -41,9 +48,6 @@ class FollowingReport:
     vae_scene_accuracy: float
     vae_class_accuracy: float
     rows: tuple[dict[str, Any], ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 def classify(
@@ -99,14 +103,11 @@ MAIN_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != "black")
 
 
 @attrs.frozen
-class ColourReport:
+class ColourReport(_Report):
     samples: int
     colour_accuracy: float
     renders_colour_accuracy: float
     rows: tuple[dict[str, Any], ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 def nearest_colour(images: Tensor, masks: Tensor, min_pixels: int = 8) -> list[str | None]:

@@ -36,6 +36,7 @@ wider VAE and UNet, larger batches, the VAE and UNet stages on the GPU (``device
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from hifi.io import atomic_path, write_json
 from hifi.toyworld.subjects import SUBJECTS
 from hifi.toyworld.world import COLOURS, SCENES, Look, ToyObject, caption, render, sample_object, sample_pose
 
-__all__ = ["TrainSettings", "main", "train_all"]
+__all__ = ["TrainSettings", "finetune", "main", "train_all"]
 
 
 def _ints(values: Any) -> tuple[int, ...]:
@@ -106,6 +107,11 @@ class TrainSettings:
     re-planned from the pace of the warm-up steps (at most ``vae_steps`` / ``vae_detail_steps``) and
     the stage's statistics record the count used, which reproduces the run as plain settings."""
     unet_seconds: float = 0.0  # the same for the UNet stage (at most ``unet_steps``)
+    unet_lr: float = 4e-4  # the UNet's peak learning rate (warm-up, then cosine decay to a tenth)
+    unet_init: str = ""
+    """A ToyWorld bundle folder to go on from (:func:`finetune`): the UNet starts from its weights and
+    attends to its text tower, the latents come from its VAE at its scaling factor, and the new
+    bundle is that one with the UNet replaced. Empty: train everything from scratch."""
 
     @classmethod
     def quick(cls) -> TrainSettings:
@@ -641,17 +647,19 @@ def stage_latents(work: Path, s: TrainSettings) -> dict[str, Any]:
 
     dev = _device(s)
     pool = Pool(work, dev)
-    vae = AutoencoderKL.from_pretrained(work / "vae_final", low_cpu_mem_usage=False).to(dev).eval()
+    folder = Path(s.unet_init) / "vae" if s.unet_init else work / "vae_final"
+    vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False).float().to(dev).eval()
     chunks = []
     with torch.no_grad():
         for start in tqdm(range(0, len(pool), 256), desc="encode pool"):
             x = pool.batch(torch.arange(start, min(start + 256, len(pool)))) * 2 - 1
             chunks.append(vae.encode(x).latent_dist.mean.cpu())
     latents = torch.cat(chunks)
-    scale = float(1.0 / latents.std())
+    # Going on from a bundle: its UNet learned latents at the bundle's scaling factor.
+    scale = float(vae.config.scaling_factor) if s.unet_init else float(1.0 / latents.std())
     with atomic_path(work / "latents.pt") as tmp:
         torch.save({"latents": latents * scale, "scaling_factor": scale}, tmp)
-    return {"scaling_factor": scale, "count": len(latents)}
+    return {"scaling_factor": scale, "count": len(latents), "init": s.unet_init}
 
 
 def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
@@ -665,19 +673,23 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     dev = _device(s)
     pool = Pool(work, dev)
     latents = torch.load(work / "latents.pt", weights_only=True)["latents"].to(dev)
-    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    init = Path(s.unet_init) if s.unet_init else None
+    tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer" if init else work / "tokenizer")
     # ``unet_text="metric"``: attend to the metric ToyCLIP's text tower instead of the ``clip``
     # stage's. The clip stage's tower gives the class word nearly the same hidden state for
     # every class (cosine 0.88 on average at the class token, up to 0.99); the metric tower,
     # trained against swapped class words, -0.03 (README, ToyWorld).
-    if s.unet_text in ("metric", "unet"):
+    if init is not None:  # the bundle's own tower, so that its UNet goes on hearing the same states
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder").float()
+    elif s.unet_text in ("metric", "unet"):
         folder = "toyclip_metric" if s.unet_text == "metric" else "toyclip_unet"
         tower: Any = CLIPTextModelWithProjection.from_pretrained(work / folder / "text")
         text_encoder = CLIPTextModel(tower.config)
     else:
         tower = CLIPModel.from_pretrained(work / "toyclip")
         text_encoder = CLIPTextModel(tower.config.text_config)
-    text_encoder.load_state_dict(tower.text_model.state_dict())
+    if init is None:
+        text_encoder.load_state_dict(tower.text_model.state_dict())
     text_encoder.eval().requires_grad_(False)
     _save_model_dir(text_encoder, work / "text_encoder")
     text_encoder.to(dev)
@@ -695,13 +707,21 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     torch.manual_seed(s.seed + 5)
     config = unet_config(cross_attention_dim=text_encoder.config.hidden_size, width=s.unet_width, layers=s.unet_layers)
     unet = UNet2DConditionModel(**config)
+    if init is not None:
+        start = UNet2DConditionModel.from_pretrained(init / "unet")
+        found = (tuple(start.config.block_out_channels), start.config.layers_per_block)
+        if found != (tuple(s.unet_width), s.unet_layers):
+            raise ValueError(f"{init / 'unet'} has block_out_channels {found[0]} and {found[1]} layer(s) per block;"
+                             f" the settings ask for {tuple(s.unet_width)} and {s.unet_layers}: set unet_width and"
+                             " unet_layers to the bundle's")
+        unet.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
     ema = UNet2DConditionModel(**config)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     unet.to(dev)
     ema.to(dev)
     params, ema_params = list(unet.parameters()), list(ema.parameters())  # once, not every step
-    opt = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(s.seed + 5)
     rng = np.random.default_rng(s.seed + 5)
     decay = 0.998
@@ -711,7 +731,7 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     token_ids = words if words.matches(sample) else words.reference
 
     def step(i: int) -> Tensor:
-        _schedule(opt, 4e-4, i, plan.total, warmup=200)
+        _schedule(opt, s.unet_lr, i, plan.total, warmup=200)
         index = torch.randint(len(pool), (s.unet_batch,), generator=gen)
         texts = [train_caption(pool.objects[k], rng, s) for k in index.tolist()]
         ids = token_ids(texts).to(dev)
@@ -738,7 +758,7 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
 
     stats = _loop("unet", work, plan, step, {"model": unet, "ema": ema, "opt": opt}, every=250)
     _save_model_dir(ema.cpu(), work / "unet")
-    return stats
+    return {**stats, "init": s.unet_init}
 
 
 class WordTokens:
@@ -903,10 +923,88 @@ def train_all(out: str | Path, work: str | Path, settings: TrainSettings | None 
     return report
 
 
+def finetune(init: str | Path, out: str | Path, work: str | Path, settings: TrainSettings) -> dict[str, Any]:
+    """Go on training the UNet of the bundle ``init``; write that bundle with the new UNet to ``out``.
+
+    The pool is rendered into ``work`` if it is not there (``settings.looks``), encoded by the
+    bundle's VAE at its scaling factor, and the UNet trained from the bundle's weights
+    (``unet_lr``, ``unet_steps`` or ``unet_seconds``) with the bundle's text tower; every other
+    model is the bundle's, copied. ``training.json`` keeps the bundle's own record under
+    ``"init"``. ``out`` may be ``init``: it is replaced only once the new bundle is complete.
+    """
+    from diffusers import UNet2DConditionModel
+
+    init, work, out = Path(init), Path(work), Path(out)
+    s = attrs.evolve(settings, unet_init=str(init))
+    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "training.json") if not (init / n).exists()]
+    if missing:
+        raise ValueError(f"{init} is not a ToyWorld bundle (no {', '.join(missing)})")
+    work.mkdir(parents=True, exist_ok=True)
+    # The latents and UNet stages of a work folder belong to one starting bundle (finished stages
+    # are skipped on a rerun): the bundle is known by its UNet's bytes, so a second round from
+    # the new bundle, even at the same path, needs a fresh folder.
+    digest = hashlib.sha256((init / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
+    record = work / "finetune.json"
+    began_from = json.loads(record.read_text()).get("unet_sha256") if record.exists() else None
+    held = [n for n in ("latents.json", "latents.pt", "unet.json", "unet.ckpt") if (work / n).exists()]
+    if held and began_from != digest:
+        raise ValueError(f"{work} holds the latents or UNet of another run ({', '.join(held)}), not of {init}:"
+                         " use a fresh work folder")
+    write_json(record, {"init": s.unet_init, "unet_sha256": digest})
+    began = time.time()
+    torch.set_num_threads(2)
+    stages = {name: run_stage(name, work, s) for name in ("render", "latents", "unet")}
+    report = {
+        "settings": attrs.asdict(s),
+        "stages": stages,
+        "wall_seconds_total": round(time.time() - began, 1),
+        "torch": torch.__version__,
+        "machine": _machine(),
+        "note": f"fine-tune: the UNet of {init} trained further (settings.unet_*); every other model copied from it",
+        "init": json.loads((init / "training.json").read_text()),
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp)
+    shutil.rmtree(tmp / "unet")
+    UNet2DConditionModel.from_pretrained(work / "unet").half().save_pretrained(tmp / "unet", safe_serialization=True)
+    write_json(tmp / "training.json", report)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return report
+
+
 def _machine() -> str:
     import platform
 
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def _settings(args: argparse.Namespace) -> TrainSettings:
+    """The settings a command line asks for: a preset (or a bundle's own), then --settings, --device."""
+    if args.finetune:
+        record = Path(args.finetune) / "training.json"
+        if not record.exists():
+            raise ValueError(f"{args.finetune} is not a ToyWorld bundle (no training.json)")
+        known = {f.name for f in attrs.fields(TrainSettings)}
+        s = TrainSettings(**{k: v for k, v in json.loads(record.read_text())["settings"].items() if k in known})
+    else:
+        s = TrainSettings.quick() if args.quick else TrainSettings.gpu() if args.preset == "gpu" else TrainSettings()
+        s = attrs.evolve(s, seed=args.seed)
+    if args.settings:
+        try:
+            fields = json.loads(args.settings)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--settings is not JSON: {e}") from None
+        if not isinstance(fields, dict):
+            raise ValueError("--settings must be a JSON object of TrainSettings fields")
+        unknown = sorted(set(fields) - {f.name for f in attrs.fields(TrainSettings)})
+        if unknown:
+            raise ValueError(f"--settings: unknown field(s) {unknown}")
+        s = attrs.evolve(s, **fields)
+    if args.device:
+        s = attrs.evolve(s, device=args.device)
+    return s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -922,24 +1020,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=None,
                    help="only these stages (comma-separated, e.g. the small models for the GPU recipe:"
                         " render,clip,identity,segmenter,clip_metric,clip_unet), in WORK, one thread; no bundle")
-    p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--settings", default=None,
+                   help="a JSON object of TrainSettings fields over the preset's (with --finetune: over the"
+                        ' bundle\'s own), e.g. \'{"unet_seconds": 3300, "unet_batch": 128}\'')
+    p.add_argument("--finetune", default=None, metavar="BUNDLE",
+                   help="go on training the UNet of this ToyWorld bundle (its other models copied); the new"
+                        " bundle goes to --out")
     args = p.parse_args(argv)
-    if args.settings:
-        s = TrainSettings(**json.loads(args.settings))
-    else:
-        s = TrainSettings.quick() if args.quick else TrainSettings.gpu() if args.preset == "gpu" else TrainSettings()
-        s = attrs.evolve(s, seed=args.seed)
-    if args.device:
-        s = attrs.evolve(s, device=args.device)
+    try:
+        s = _settings(args)
+        _device(s)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     names = args.stages.split(",") if args.stages else []
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         print(f"error: unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}", file=sys.stderr)
-        return 2
-    try:
-        _device(s)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
         return 2
     if names:  # a worker process started by train_all, or the small models for the GPU recipe
         torch.set_num_threads(int(os.environ.get("HIFI_TOY_THREADS", "1")))
@@ -949,6 +1046,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from hifi_backends.toy.backend import BUNDLE
 
+    if args.finetune:
+        try:
+            report = finetune(args.finetune, args.out or BUNDLE, args.work, s)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"bundle written to {args.out or BUNDLE} in {report['wall_seconds_total'] / 60:.1f} min")
+        return 0
     report = train_all(args.out or BUNDLE, args.work, s)
     print(f"bundle written to {args.out or BUNDLE} in {report['wall_seconds_total'] / 60:.1f} min")
     return 0
