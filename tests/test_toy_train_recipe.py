@@ -171,6 +171,9 @@ def test_finetune_goes_on_from_a_bundle_and_replaces_only_its_unet(tmp_path, cap
     # Not a bundle, a UNet of other widths, a settings field that does not exist: one line, exit 2.
     assert main(["--finetune", str(tmp_path), "--out", str(tmp_path / "o3")]) == 2
     assert "not a ToyWorld bundle" in capsys.readouterr().err
+    (tmp_path / "training.json").write_text('{"note": "no settings"}')
+    assert main(["--finetune", str(tmp_path), "--out", str(tmp_path / "o3")]) == 2
+    assert "holds no training settings" in capsys.readouterr().err
     wrong = {**quick, "unet_width": [64, 128]}
     assert main(["--finetune", str(BUNDLE), "--work", str(tmp_path / "w4"), "--settings", json.dumps(wrong),
                  "--out", str(tmp_path / "o4")]) == 2

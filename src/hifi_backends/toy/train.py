@@ -986,8 +986,11 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
         record = Path(args.finetune) / "training.json"
         if not record.exists():
             raise ValueError(f"{args.finetune} is not a ToyWorld bundle (no training.json)")
+        saved = json.loads(record.read_text()).get("settings")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{record} holds no training settings: is {args.finetune} a ToyWorld bundle?")
         known = {f.name for f in attrs.fields(TrainSettings)}
-        s = TrainSettings(**{k: v for k, v in json.loads(record.read_text())["settings"].items() if k in known})
+        s = TrainSettings(**{k: v for k, v in saved.items() if k in known})
     else:
         s = TrainSettings.quick() if args.quick else TrainSettings.gpu() if args.preset == "gpu" else TrainSettings()
         s = attrs.evolve(s, seed=args.seed)
