@@ -34,7 +34,7 @@ import attrs
 import torch
 
 from hifi.io import write_json
-from hifi_backends.toy.train import TrainSettings, _device, _save_model_dir, run_stage, stage_bundle
+from hifi_backends.toy.train import TrainSettings, _device, _save_model_dir, run_stage, settings_over, stage_bundle
 
 SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter")
 """The folders carried from a CPU run (with their stages' ``.json``)."""
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         " so a call's time goes to the UNet")
     args = p.parse_args(argv)
     try:
-        settings = attrs.evolve(TrainSettings.gpu(), device=args.device, **json.loads(args.settings or "{}"))
-    except (ValueError, TypeError) as e:  # bad JSON, an unknown field or a bad value
-        print(f"error: --settings: {e}", file=sys.stderr)
+        settings = settings_over(attrs.evolve(TrainSettings.gpu(), device=args.device), args.settings or "{}")
+    except ValueError as e:  # not JSON, an unknown field or a value of the wrong type
+        print(f"error: {e}", file=sys.stderr)
         return 2
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import time
 
@@ -14,7 +15,7 @@ import torch
 
 from hifi.toyworld.world import sample_object
 from hifi_backends.toy.models import build_tokenizer, unet_config, vae_config
-from hifi_backends.toy.train import Plan, TrainSettings, WordTokens, _loop, main, train_caption
+from hifi_backends.toy.train import Plan, TrainSettings, WordTokens, _loop, main, settings_over, train_caption
 
 
 def test_word_tokens_give_the_tokenizers_ids():
@@ -77,6 +78,25 @@ def test_settings_round_trip_through_json_and_widths_are_checked():
         vae_config((16, 32, 64))
     with pytest.raises(ValueError, match="unet width"):
         unet_config(width=(80, 160))
+
+
+def test_settings_from_a_command_line_are_type_checked():
+    base = TrainSettings.gpu()
+    # What the GPU orchestrator hands its UNet process: every field, lists for tuples.
+    assert settings_over(TrainSettings(), json.dumps(attrs.asdict(base))) == base
+    got = settings_over(base, '{"unet_seconds": 400, "unet_lr": 2e-4, "unet_width": [128, 128], "device": "cpu"}')
+    assert (got.unet_seconds, got.unet_lr, got.unet_width, got.device) == (400, 2e-4, (128, 128), "cpu")
+    for bad, said in [('{"unet_seconds": "400"}', "unet_seconds must be a number"),
+                      ('{"unet_batch": 12.5}', "unet_batch must be a whole number"),
+                      ('{"unet_steps": -1}', "unet_steps must be a whole number >= 0"),
+                      ('{"looks": true}', "looks must be a whole number"),
+                      ('{"unet_width": 128}', "unet_width must be a list"),
+                      ('{"unet_width": [128, 0]}', "unet_width must be a list"),
+                      ('{"device": 0}', "device must be a string"),
+                      ('{"unet_text": "bert"}', "--settings: 'unet_text' must be in"),
+                      ('[1, 2]', "must be a JSON object"), ('{"unet_steps": ', "not JSON")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            settings_over(base, bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -60,7 +60,7 @@ from hifi.io import atomic_path, write_json
 from hifi.toyworld.subjects import SUBJECTS
 from hifi.toyworld.world import COLOURS, SCENES, Look, ToyObject, caption, render, sample_object, sample_pose
 
-__all__ = ["TrainSettings", "finetune", "main", "train_all"]
+__all__ = ["TrainSettings", "finetune", "main", "settings_over", "train_all"]
 
 
 def _ints(values: Any) -> tuple[int, ...]:
@@ -980,6 +980,49 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
+def _check_setting(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` has the type of the TrainSettings field ``name`` (and is not negative).
+
+    JSON gives ints, floats, strings and lists; a string where a count belongs would otherwise
+    surface as a TypeError deep inside a training stage, an hour into a run.
+    """
+    default = attrs.fields_dict(TrainSettings)[name].default
+    if isinstance(default, tuple):
+        ok = isinstance(value, list) and bool(value) and all(type(v) is int and v > 0 for v in value)
+        want = "a list of positive whole numbers"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, int):
+        ok, want = type(value) is int and value >= 0, "a whole number >= 0"
+    else:
+        ok, want = type(value) in (int, float) and value >= 0, "a number >= 0"
+    if not ok:
+        raise ValueError(f"--settings: {name} must be {want}, not {json.dumps(value)}")
+
+
+def settings_over(base: TrainSettings, text: str) -> TrainSettings:
+    """``base`` with the fields of the JSON object ``text`` (a command line's ``--settings``) set.
+
+    Raises ValueError, naming the flag, for text that is not a JSON object, an unknown field or
+    a value of the wrong type.
+    """
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--settings is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError("--settings must be a JSON object of TrainSettings fields")
+    unknown = sorted(set(fields) - set(attrs.fields_dict(TrainSettings)))
+    if unknown:
+        raise ValueError(f"--settings: unknown field(s) {unknown}")
+    for name, value in fields.items():
+        _check_setting(name, value)
+    try:
+        return attrs.evolve(base, **fields)
+    except ValueError as e:  # a validator (unet_text)
+        raise ValueError(f"--settings: {e.args[0]}") from None  # attrs puts the message first
+
+
 def _settings(args: argparse.Namespace) -> TrainSettings:
     """The settings a command line asks for: a preset (or a bundle's own), then --settings, --device."""
     if args.finetune:
@@ -995,16 +1038,7 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
         s = TrainSettings.quick() if args.quick else TrainSettings.gpu() if args.preset == "gpu" else TrainSettings()
         s = attrs.evolve(s, seed=args.seed)
     if args.settings:
-        try:
-            fields = json.loads(args.settings)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--settings is not JSON: {e}") from None
-        if not isinstance(fields, dict):
-            raise ValueError("--settings must be a JSON object of TrainSettings fields")
-        unknown = sorted(set(fields) - {f.name for f in attrs.fields(TrainSettings)})
-        if unknown:
-            raise ValueError(f"--settings: unknown field(s) {unknown}")
-        s = attrs.evolve(s, **fields)
+        s = settings_over(s, args.settings)
     if args.device:
         s = attrs.evolve(s, device=args.device)
     return s
