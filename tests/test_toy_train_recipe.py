@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -171,6 +172,8 @@ def test_finetune_goes_on_from_a_bundle_and_replaces_only_its_unet(tmp_path, cap
     report = json.loads((out / "training.json").read_text())
     assert report["settings"]["unet_init"] == str(BUNDLE) and report["settings"]["unet_batch"] == 4
     assert report["init"] == json.loads((BUNDLE / "training.json").read_text())
+    unet_bytes = (BUNDLE / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert report["init_unet_sha256"] == hashlib.sha256(unet_bytes).hexdigest()[:16]
     # It went on from the bundle's weights: a fresh UNet's epsilon loss starts near 1.
     assert report["stages"]["unet"]["steps"] == 4 and report["stages"]["unet"]["final_loss"] < 0.3
     vae = json.loads((BUNDLE / "vae" / "config.json").read_text())

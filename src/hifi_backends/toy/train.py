@@ -961,6 +961,7 @@ def finetune(init: str | Path, out: str | Path, work: str | Path, settings: Trai
         "torch": torch.__version__,
         "machine": _machine(),
         "note": f"fine-tune: the UNet of {init} trained further (settings.unet_*); every other model copied from it",
+        "init_unet_sha256": digest,  # which UNet it went on from (a path alone may have held several)
         "init": json.loads((init / "training.json").read_text()),
     }
     tmp = out.with_name(out.name + ".tmp")
