@@ -20,14 +20,10 @@ from torch import Tensor
 from hifi.errors import HifiError
 from hifi.perception_registry import BLIP2_MODEL_ENV, BLIP_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
-    is_random,
-    load_pretrained,
-    load_tokenizer,
+    load_image_text_model,
     pick_device,
     pick_dtype,
     place,
-    read_pixel_config,
-    resolve,
     with_slots,
 )
 from hifi_backends.perception.pixels import CLIP_MEAN, CLIP_STD, PixelConfig, to_model_pixels
@@ -121,14 +117,8 @@ def _build(slot: ModelSlot, model_class: Any, tiny: Callable[[], tuple[Any, Any,
            generate: Any, name: str, model: str | None, device: str | None, dtype: str | None,
            max_new_tokens: int) -> BlipCaptioner:
     """A captioner from ``model`` (or the slot's variable or default): a random tiny one, or the weights."""
-    source = resolve(slot, model)
-    if is_random(source):
-        net, tokenizer, pixels = tiny()
-    else:
-        net = load_pretrained(model_class, slot, source)
-        tokenizer = load_tokenizer(slot, source)
-        pixels = read_pixel_config(source, PixelConfig(resize=resize, mean=CLIP_MEAN, std=CLIP_STD),
-                                   net.config.vision_config.image_size)
+    net, tokenizer, pixels = load_image_text_model(slot, model_class, model, tiny,
+                                                   PixelConfig(resize=resize, mean=CLIP_MEAN, std=CLIP_STD))
     return BlipCaptioner(place(net, pick_device(device), pick_dtype(dtype)), tokenizer, pixels, generate, name,
                          max_new_tokens)
 

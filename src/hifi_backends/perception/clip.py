@@ -11,14 +11,10 @@ from torch import Tensor
 
 from hifi.perception_registry import CLIP_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
-    is_random,
-    load_pretrained,
-    load_tokenizer,
+    load_image_text_model,
     pick_device,
     pick_dtype,
     place,
-    read_pixel_config,
-    resolve,
     with_slots,
 )
 from hifi_backends.perception.pixels import CLIP_MEAN, CLIP_STD, PixelConfig, to_model_pixels
@@ -75,11 +71,5 @@ def build_clip_embedder(
     """Registry entry ``clip``: ``model`` or ``$HIFI_CLIP_MODEL`` or ``openai/clip-vit-base-patch32``."""
     from transformers import CLIPModel
 
-    source = resolve(CLIP_SLOT, model)
-    if is_random(source):
-        clip, tokenizer, pixels = tiny_clip()
-    else:
-        clip = load_pretrained(CLIPModel, CLIP_SLOT, source)
-        tokenizer = load_tokenizer(CLIP_SLOT, source)
-        pixels = read_pixel_config(source, CLIP_PIXELS, clip.config.vision_config.image_size)
+    clip, tokenizer, pixels = load_image_text_model(CLIP_SLOT, CLIPModel, model, tiny_clip, CLIP_PIXELS)
     return ClipEmbedder(place(clip, pick_device(device), pick_dtype(dtype)), tokenizer, pixels)

@@ -218,6 +218,23 @@ def read_pixel_config(source: str, default: PixelConfig, side: int | None = None
     return attrs.evolve(config, crop=side, resize=max(side, config.resize * side // config.crop))
 
 
+def load_image_text_model(slot: ModelSlot, model_class: Any, model: str | None,
+                          tiny: Callable[[], tuple[Any, Any, PixelConfig]],
+                          default_pixels: PixelConfig) -> tuple[Any, Any, PixelConfig]:
+    """An image-and-text model (CLIP, BLIP), its tokenizer and its pixel config.
+
+    ``model`` (or the slot's variable, or its default) resolved: ``tiny()`` for the random tiny
+    one, else the weights, the tokenizer and the processor's pixel config (``default_pixels``
+    where the folder has none), sized to the vision tower's ``image_size``.
+    """
+    source = resolve(slot, model)
+    if is_random(source):
+        return tiny()
+    net = load_pretrained(model_class, slot, source)
+    pixels = read_pixel_config(source, default_pixels, net.config.vision_config.image_size)
+    return net, load_tokenizer(slot, source), pixels
+
+
 def _read_pixel_config(source: str, default: PixelConfig) -> PixelConfig:
     path = _preprocessor_file(source)
     if path is None:
