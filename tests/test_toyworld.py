@@ -178,14 +178,15 @@ def test_bundle_is_small_enough():
 
 
 def test_bundled_model_follows_prompts():
-    """The issue's 80% bound for the scene, on 16 samples with a margin (the full check: benchmarks.toyworld check).
+    """The issue's 80% bound for class and scene, on 16 samples with a margin (full check: benchmarks.toyworld check).
 
-    ToyCLIP itself must recognise class and scene on renders (it does: 98% and 100% on 60).
-    The issue's 80% for the class is not met (65% of 60, README), so the class is held to
-    what the bundle does reach, well above chance (1 in 8): at least 7 of 16. The VAE round
-    trip keeps 87% of 60 renders' classes; at least 11 of 16 here. (On 2026-11-27 this sample
-    gave class 9, round trip 14 and scene 14 of 16; after the first CPU fine-tune alone, class
-    11 and scene 15; with the GPU recipe alone, class 8: 16 samples move by a few.)
+    The margin is two binomial standard deviations: 80% of 16 is 12.8, its deviation 1.6, so
+    at least 10 of 16 for the class (the scene, near 100% throughout, keeps its 70%). ToyCLIP
+    itself must recognise class and scene on renders (it does: 98% and 100% on 60), and the
+    VAE round trip keeps 87% of 60 renders' classes; at least 11 of 16 here. (On 2026-11-27,
+    after the GPU fine-tunes, this sample gave class 12, scene 16 and round trip 14 of 16; the
+    larger samples, README: class 92% of 60, 88% of 120 and 81% of 240 other prompts. Before
+    them, class 9 of 16: the bound held 7 then.)
     """
     from hifi.registry import load_backend
     from hifi_backends.toy.perception import load_toyclip
@@ -193,13 +194,13 @@ def test_bundled_model_follows_prompts():
 
     report = prompt_following(load_backend("toy"), load_toyclip(), samples=16, seed=1, num_steps=15)
     assert report.renders_scene_accuracy >= 0.9 and report.renders_class_accuracy >= 0.85, report
-    assert report.scene_accuracy >= 0.7, report.rows
-    assert report.class_accuracy >= 7 / 16, report.rows
+    assert report.scene_accuracy >= 0.7, report.rows  # tighter than 10 of 16: it was always near 100%
+    assert report.class_accuracy >= 10 / 16, report.rows
     assert report.vae_class_accuracy >= 11 / 16, report
 
 
 def test_bundled_model_draws_the_prompted_colour():
-    """97% of 60 in the check (README); chance is 1 in 8."""
+    """98% of 60 in the check (README); chance is 1 in 8."""
     from hifi.registry import load_backend
     from hifi_backends.toy.perception import build_toy_segmenter
     from hifi_backends.toy.quality import colour_following

@@ -917,7 +917,7 @@ def train_all(out: str | Path, work: str | Path, settings: TrainSettings | None 
         "wall_seconds_total": round(time.time() - began, 1),
         "torch": torch.__version__,
         "threads": 2,
-        "machine": _machine(),
+        "machine": _machine(s.device),
     }
     stage_bundle(work, out, s, report)
     return report
@@ -959,7 +959,7 @@ def finetune(init: str | Path, out: str | Path, work: str | Path, settings: Trai
         "stages": stages,
         "wall_seconds_total": round(time.time() - began, 1),
         "torch": torch.__version__,
-        "machine": _machine(),
+        "machine": _machine(s.device),
         "note": f"fine-tune: the UNet of {init} trained further (settings.unet_*); every other model copied from it",
         "init_unet_sha256": digest,  # which UNet it went on from (a path alone may have held several)
         "init": json.loads((init / "training.json").read_text()),
@@ -975,10 +975,14 @@ def finetune(init: str | Path, out: str | Path, work: str | Path, settings: Trai
     return report
 
 
-def _machine() -> str:
+def _machine(device: str = "cpu") -> str:
+    """The machine a run went on: its processor and cores, and the GPU's name where the stages ran on one."""
     import platform
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    host = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{host}, {torch.cuda.get_device_name(torch.device(device))}"
+    return host
 
 
 def _check_setting(name: str, value: Any) -> None:
