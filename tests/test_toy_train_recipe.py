@@ -101,6 +101,17 @@ def test_settings_from_a_command_line_are_type_checked():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_run_records_the_gpu_it_trained_on(monkeypatch):
+    """training.json's "machine" names the GPU where the stages ran on one (a log alone held it before)."""
+    from hifi_backends.toy import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert train._machine("cuda").endswith(", NVIDIA H100 80GB HBM3")
+    assert train._machine("cuda:0").endswith(", NVIDIA H100 80GB HBM3")
+    assert "NVIDIA" not in train._machine("cpu")
+
+
 def test_training_on_cuda_without_cuda_is_refused_at_once(tmp_path, capsys):
     assert main(["--quick", "--device", "cuda", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "b")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
