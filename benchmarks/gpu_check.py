@@ -43,12 +43,12 @@ from hifi.algorithms.null_text import NullTextConfig
 from hifi.algorithms.reference import ReferenceSettings, prepare_references, reference_guided_generate
 from hifi.algorithms.replace import replace_subject
 from hifi.algorithms.tune import TuneConfig, tune
-from hifi.io import atomic_path
+from hifi.io.images import atomic_path
+from hifi.io.synthetic import draw_subject_photos
 from hifi.perception import Perception, default_perception
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 from hifi.registry import load_backend
-from hifi.synthetic import draw_subject_photos
-from hifi.workflows import load_subject_photos
+from hifi.workflows.photos import load_subject_photos
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLASS_NAME = "box"

@@ -30,13 +30,13 @@ from hifi import load_backend
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
 from hifi.algorithms.reference import reference_guided_sample
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
+from hifi.algorithms.subject import PLACEHOLDER
 from hifi.algorithms.tune import TuneConfig, tune
-from hifi.fastpath import ACCEL_MODES, AdamStep, accelerate_model
-from hifi.io import atomic_path, write_json
+from hifi.execution.fastpath import ACCEL_MODES, AdamStep, accelerate_model
+from hifi.io.images import atomic_path, write_json
 from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import masked_mse, ridge_to_null, splice_subject, subject_slots
-from hifi.protocols import DenoiserBackend
-from hifi.subject import PLACEHOLDER
+from hifi.protocols.denoiser import DenoiserBackend
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -112,7 +112,7 @@ class Stages:
         self.opt.step()
 
     def accelerated_c_s_step(self, accel: str) -> Callable[[], None]:
-        """The c_s step through :class:`hifi.fastpath.AdamStep` in mode ``accel`` (its own c_s and Adam)."""
+        """The c_s step through :class:`hifi.execution.fastpath.AdamStep` in mode ``accel`` (its own c_s and Adam)."""
         c_s = self.phi_s.clone().requires_grad_(True)
         runner = AdamStep(lambda p, *inputs: (self._c_s_loss(p, *inputs),), c_s, 5e-3, accel)
 

@@ -31,11 +31,11 @@ import torch
 
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.errors import HifiError
-from hifi.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth
-from hifi.io import atomic_path, image_to_tensor, list_images, load_image, write_json
+from hifi.io.images import atomic_path, image_to_tensor, list_images, load_image, write_json
 from hifi.perception_registry import load_embedder
 from hifi.registry import load_backend
 from hifi.toyworld.subjects import SUBJECTS, export_dataset
+from hifi.workflows.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth
 
 TABLE1 = ("real", "no-tuning", "ti", "hifi", "dreambooth", "dreambooth-ref")
 TABLE2 = ("ti", "ti-mask", "hifi-reg", "hifi-stepwise", "hifi", "dreambooth", "dreambooth-ref")
@@ -341,7 +341,7 @@ def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, n
 def _separation(backend: Any, scorers: Scorers, num_steps: int) -> dict[str, Any]:
     """Real vs real, other subjects' photos, and no-tuning generations, per subject."""
     from hifi.algorithms.generate import generate
-    from hifi.subject import Subject
+    from hifi.algorithms.subject import Subject
     from hifi.toyworld.subjects import PROMPTS, subject_photos
 
     feats = {}

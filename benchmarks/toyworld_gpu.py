@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import torch
 
-from hifi.io import write_json
+from hifi.io.images import write_json
 from hifi_backends.toy.train import TrainSettings, _device, _save_model_dir, run_stage, settings_over, stage_bundle
 
 SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter")

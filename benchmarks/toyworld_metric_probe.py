@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hifi.errors import HifiError
-from hifi.io import write_json
+from hifi.io.images import write_json
 from hifi.registry import load_backend
 from hifi.toyworld.world import CLASSES, SCENES
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hifi.io import write_json
+from hifi.io.images import write_json
 from hifi.toyworld.world import render, sample_object
 from hifi_backends.toy.models import vae_config
 from hifi_backends.toy.perception import load_toyclip

@@ -13,7 +13,7 @@ import pytest
 
 from hifi import HifiError
 from hifi.cli import main
-from hifi.evaluation import METHODS, _interval, load_dreambooth, summarise
+from hifi.workflows.evaluation import METHODS, _interval, load_dreambooth, summarise
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambooth"
 needs_dataset = pytest.mark.skipif(
@@ -104,12 +104,13 @@ def test_eval_runs_resumes_and_torchrun_merges_the_same_table(tmp_path, capsys):
 
 def test_rows_that_tune_alike_share_the_run_and_lr_reaches_the_tune(tmp_path, monkeypatch):
     """hifi-stepwise and hifi tune identically: the second copies the first's run instead of tuning."""
-    import hifi.evaluation
-    from hifi.evaluation import EvalSettings, Scorers, evaluate
+    import hifi.workflows.evaluation
+    from hifi.workflows.evaluation import EvalSettings, Scorers, evaluate
 
     tunes = []
-    real_tune = hifi.evaluation.tune_to_run
-    monkeypatch.setattr(hifi.evaluation, "tune_to_run", lambda *a, **k: tunes.append(a[3]) or real_tune(*a, **k))
+    real_tune = hifi.workflows.evaluation.tune_to_run
+    monkeypatch.setattr(hifi.workflows.evaluation, "tune_to_run",
+                        lambda *a, **k: tunes.append(a[3]) or real_tune(*a, **k))
     from hifi.perception import VaeLatentEmbedder
     from hifi.registry import load_backend
     from hifi.toyworld.subjects import export_dataset

@@ -1,4 +1,4 @@
-"""The fast path (hifi.fastpath): every mode gives the eager numbers, and says clearly what it cannot do."""
+"""The fast path (hifi.execution.fastpath): every mode gives the eager numbers, and says clearly what it cannot do."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hifi.errors import HifiError
-from hifi.fastpath import AdamStep, check_accel
+from hifi.execution.fastpath import AdamStep, check_accel
 
 
 def _quadratic(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +113,8 @@ def test_channels_last_graph_tune_matches_eager_on_cuda(full_fp32):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_the_commands_pass_accel_on_and_refuse_graph_without_cuda(tmp_path, capsys):
     from hifi.cli import main
-    from hifi.evaluation import METHODS, EvalSettings
-    from hifi.synthetic import draw_subject_photos
+    from hifi.io.synthetic import draw_subject_photos
+    from hifi.workflows.evaluation import METHODS, EvalSettings
 
     assert EvalSettings(accel="compile").tune_config(METHODS["hifi"]).accel == "compile"
     photos, _ = draw_subject_photos(tmp_path / "photos")
@@ -138,8 +138,8 @@ def _loops(accel: str, device: str = "cpu", which: tuple[str, ...] = ("generate"
     from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
     from hifi.algorithms.reference import reference_guided_sample
     from hifi.algorithms.sampling import ddim_invert
+    from hifi.algorithms.subject import Subject
     from hifi.registry import load_backend
-    from hifi.subject import Subject
 
     backend = load_backend("tiny", device=device)
     subject = Subject.plain("dog")
@@ -221,7 +221,7 @@ def test_sampling_null_text_and_guidance_as_graphs_match_eager_on_cuda(full_fp32
 
 
 def test_static_call_replays_the_eager_forward_and_steps_aside_for_gradients():
-    from hifi.fastpath import StaticCall, accelerate_model
+    from hifi.execution.fastpath import StaticCall, accelerate_model
 
     calls = []
 

@@ -11,10 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from hifi import load_backend
+from hifi.algorithms.subject import Subject
 from hifi.cli import main
+from hifi.io.runs import RunMeta, save_run
 from hifi.perception_registry import register_segmenter
-from hifi.runs import RunMeta, save_run
-from hifi.subject import Subject
 
 FAST = ["--steps", "6", "--t-start", "4", "--t-end", "2", "--phi-steps", "2", "--quiet"]
 PROMPT = "a photo of a dog on the beach"

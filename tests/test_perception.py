@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hifi import HifiError
+from hifi.algorithms.attention import AttentionStore, observed_attention
 from hifi.algorithms.reference import first_pass, subject_token_positions
-from hifi.attention import AttentionStore, observed_attention
+from hifi.algorithms.subject import Subject
 from hifi.perception import (
     AttentionSegmenter,
     Captioner,
@@ -25,7 +26,6 @@ from hifi.perception import (
     otsu_threshold,
     subject_attention,
 )
-from hifi.subject import Subject
 
 STEPS = 6
 

@@ -24,9 +24,9 @@ from hifi.algorithms.reference import (
     subject_token_positions,
 )
 from hifi.algorithms.sampling import ddim_sample
+from hifi.algorithms.subject import PLACEHOLDER, Subject
 from hifi.kernels.ddim import ddim_timesteps
 from hifi.perception import Perception, TemplateCaptioner, VaeLatentEmbedder, default_perception
-from hifi.subject import PLACEHOLDER, Subject
 
 PROMPT = "a photo of a dog on the beach"
 T, T_S, T_E, J = 8, 6, 3, 3

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from hifi.algorithms.attention import AttentionStore, controlled_attention
 from hifi.algorithms.null_text import NullTextConfig, null_text_sample
+from hifi.algorithms.prompt_to_prompt import AttentionMean, AttentionReplace, chain, inject_maps
 from hifi.algorithms.replace import edit_image, prompt_to_prompt, replace_subject
-from hifi.attention import AttentionStore, controlled_attention
+from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.cli import main
 from hifi.errors import HifiError
+from hifi.io.runs import RunMeta, save_run
 from hifi.kernels.ddim import ddim_timesteps
-from hifi.prompt_to_prompt import AttentionMean, AttentionReplace, chain, inject_maps
-from hifi.runs import RunMeta, save_run
-from hifi.subject import SUBJECT_SLOT, Subject
 
 CAPTION = "a photo of a cat on the beach"
 FAST = NullTextConfig(num_steps=4, inner_steps=2)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from hifi.evaluation import load_dreambooth
 from hifi.toyworld.subjects import PROMPTS, SUBJECTS, export_dataset, subject_photos
 from hifi.toyworld.world import (
     CLASSES,
@@ -21,6 +20,7 @@ from hifi.toyworld.world import (
     sample_object,
     vocabulary,
 )
+from hifi.workflows.evaluation import load_dreambooth
 from hifi_backends.toy.backend import BUNDLE
 
 
@@ -102,8 +102,8 @@ def test_subjects_have_unique_looks_and_export_in_the_dreambooth_layout(tmp_path
 
 def test_training_script_quick_mode_writes_a_loadable_bundle(tmp_path):
     from hifi.algorithms.generate import generate
+    from hifi.algorithms.subject import Subject
     from hifi.registry import load_backend
-    from hifi.subject import Subject
     from hifi_backends.toy.perception import build_toy_identity, build_toy_segmenter, build_toyclip
     from hifi_backends.toy.train import TrainSettings, train_all
 

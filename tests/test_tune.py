@@ -11,14 +11,14 @@ from PIL import Image
 
 from hifi import HifiError, load_backend
 from hifi.algorithms.generate import generate, initial_noise
+from hifi.algorithms.subject import PLACEHOLDER, Subject
 from hifi.algorithms.tune import TuneConfig, caption_for, tune
 from hifi.cli import main
-from hifi.diffusers_compat import pipeline_inputs
+from hifi.io.diffusers_compat import pipeline_inputs
+from hifi.io.runs import FolderCheckpointer, RunMeta, apply_run, check_compatible, load_run
+from hifi.io.synthetic import draw_subject_photos
 from hifi.kernels.ddim import add_noise, ddim_timesteps
 from hifi.kernels.losses import masked_mse, resize_mask, splice_subject, subject_slots
-from hifi.runs import FolderCheckpointer, RunMeta, apply_run, check_compatible, load_run
-from hifi.subject import PLACEHOLDER, Subject
-from hifi.synthetic import draw_subject_photos
 
 FAST = {"steps": 12, "stepwise_steps": 2, "num_steps": 4}
 

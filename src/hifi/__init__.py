@@ -6,7 +6,7 @@ the :class:`DenoiserBackend` protocol and the backend registry.
 
 from hifi.errors import HifiError, ModelNotFoundError
 from hifi.kernels.ddim import Schedule, ddim_inverse_step, ddim_step, ddim_timesteps
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 from hifi.registry import available_backends, load_backend, register_backend
 
 __version__ = "0.1.0"

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hifi.attention import AttentionStore
+from hifi.algorithms.attention import AttentionStore
 from hifi.errors import HifiError
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = [
     "AttentionSegmenter",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hifi.errors import HifiError
-from hifi.io import list_images, load_image, mask_to_tensor
+from hifi.io.images import list_images, load_image, mask_to_tensor
 from hifi.perception import (
     AttentionSegmenter,
     Captioner,
@@ -41,7 +41,7 @@ from hifi.perception import (
     TemplateCaptioner,
     VaeLatentEmbedder,
 )
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 from hifi.registry import available_backends
 
 __all__ = [

@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any
 
 from hifi.errors import HifiError
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = ["available_backends", "backend_perception_defaults", "check_device", "load_backend", "register_backend"]
 

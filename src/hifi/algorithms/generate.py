@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from hifi.algorithms.sampling import StepCallback, ddim_sample
-from hifi.fastpath import accelerate_model
+from hifi.algorithms.subject import Subject
+from hifi.execution.fastpath import accelerate_model
 from hifi.kernels.ddim import ddim_timesteps
-from hifi.protocols import DenoiserBackend
-from hifi.subject import Subject
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = ["Generation", "generate", "initial_noise", "step_conditions"]
 
@@ -61,7 +61,7 @@ def generate(
     """Draw one image per seed with the step-wise subject conditions (Eq. 7), no gradients.
 
     ``accel`` runs each CFG forward eagerly, compiled, or replayed from a CUDA graph
-    (:func:`hifi.fastpath.accelerate_model`); the images are the eager ones within tolerance.
+    (:func:`hifi.execution.fastpath.accelerate_model`); the images are the eager ones within tolerance.
     """
     model = accelerate_model(backend.denoise, backend.device, accel)
     with torch.no_grad():

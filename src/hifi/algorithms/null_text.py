@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, ddim_sample, null_guided_step
 from hifi.errors import HifiError
-from hifi.fastpath import AdamStep, accelerate_model, timestep_tensor
+from hifi.execution.fastpath import AdamStep, accelerate_model, timestep_tensor
 from hifi.kernels.ddim import Schedule, ddim_timesteps
 
 __all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_sample"]
@@ -110,7 +110,7 @@ def null_text_inversion(
     ``uncond`` is phi ``[1, L, D]``, the start of phi_T. Each step takes at most K
     (``config.inner_steps``) Adam updates and stops early once the loss is below
     ``config.tolerance``. phi is optimised in float32 whatever the model's dtype.
-    ``accel`` (:mod:`hifi.fastpath`) runs the inversion's forwards and the phi_t steps
+    ``accel`` (:mod:`hifi.execution.fastpath`) runs the inversion's forwards and the phi_t steps
     eagerly, compiled, or as CUDA graphs; the numbers are the eager ones within tolerance.
     """
     config = config or NullTextConfig()

@@ -30,18 +30,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hifi.algorithms.attention import AttentionStore, observed_attention
 from hifi.algorithms.generate import generate, initial_noise, step_conditions
 from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, guided_output, null_guided_step, per_step
-from hifi.attention import AttentionStore, observed_attention
+from hifi.algorithms.subject import Subject
 from hifi.errors import HifiError
-from hifi.fastpath import AdamStep, accelerate_model, timestep_tensor
+from hifi.execution.fastpath import AdamStep, accelerate_model, timestep_tensor
 from hifi.kernels.ddim import Schedule, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.latents import binarize_mask, substitute_masked
 from hifi.kernels.losses import masked_mse, resize_mask
 from hifi.kernels.transform import SimilarityFit, fit_similarity_transform, warp_image, warp_mask
 from hifi.perception import ImageEmbedder, Perception, subject_attention
-from hifi.protocols import DenoiserBackend
-from hifi.subject import Subject
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = [
     "Alignment",
@@ -108,7 +108,7 @@ class ReferenceSettings:
 
     ``naive=True`` recomputes both guidance branches with gradients in every phi_h step
     (for benchmarks; same result), see :func:`reference_guided_sample`. ``accel`` runs the
-    forwards and the phi_h steps eagerly, compiled, or as CUDA graphs (:mod:`hifi.fastpath`).
+    forwards and the phi_h steps eagerly, compiled, or as CUDA graphs (:mod:`hifi.execution.fastpath`).
     """
 
     guidance: float = 7.5
@@ -174,7 +174,7 @@ def first_pass(
     """Step 1 of Section 3.3: x_T from ``seed`` and I_g1 by Eq. 7 (exactly ``generate(..., [seed])``).
 
     With ``record_attention`` the subject tokens' cross-attention of the late steps is
-    recorded through :func:`~hifi.attention.observed_attention`, which changes no number;
+    recorded through :func:`~hifi.algorithms.attention.observed_attention`, which changes no number;
     a pass that records runs eagerly (the recording is Python code in every forward), one
     that does not runs in mode ``accel``.
     """
@@ -374,7 +374,7 @@ def reference_guided_sample(
     and each phi_h step differentiates the unconditional branch alone. ``naive=True``
     instead recomputes both branches with gradients at every phi_h step, as a literal
     reading does; the result is the same. phi_h is float32 whatever the model's dtype.
-    ``accel`` (:mod:`hifi.fastpath`) runs the no-gradient forwards and the phi_h steps
+    ``accel`` (:mod:`hifi.execution.fastpath`) runs the no-gradient forwards and the phi_h steps
     eagerly, compiled, or as CUDA graphs; the losses are read back once, after the loop.
     """
     check_guidance_window(num_steps, t_start, t_end, phi_steps, phi_lr)

@@ -11,7 +11,7 @@ Algorithm 3, with this module's names:
    ``[c_s^t, w_g]``, which keep their own (the modified step F~).
 
 Step 3 runs the reconstruction and the edit as one batch and injects a_t^{r*} on the fly
-(see :mod:`hifi.prompt_to_prompt` for why). :func:`edit_image` without a subject is
+(see :mod:`hifi.algorithms.prompt_to_prompt` for why). :func:`edit_image` without a subject is
 null-text inversion with prompt-to-prompt word-swap editing.
 """
 
@@ -24,15 +24,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hifi.algorithms.attention import AttentionController, controlled_attention
 from hifi.algorithms.null_text import NullTextConfig, NullTextInversion, null_text_inversion, null_text_sample
+from hifi.algorithms.prompt_to_prompt import AttentionMean, AttentionReplace, chain
 from hifi.algorithms.sampling import StepCallback
-from hifi.attention import AttentionController, controlled_attention
+from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.errors import HifiError
 from hifi.kernels.ddim import ddim_timesteps
 from hifi.kernels.token_align import align_tokens, swap_word
-from hifi.prompt_to_prompt import AttentionMean, AttentionReplace, chain
-from hifi.protocols import DenoiserBackend
-from hifi.subject import SUBJECT_SLOT, Subject
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = ["Edit", "edit_image", "prompt_to_prompt", "replace_subject", "swap_caption_word"]
 
@@ -158,7 +158,7 @@ def edit_image(
     :meth:`Subject.render_prompt`) and, in ``hifi`` mode, ``[c^g, c_s^t]`` is used per
     step with the n c_s positions keeping their own maps too (Algorithm 3). With
     ``attention_maps``, :attr:`Edit.attention` holds the mean maps of both rows. ``accel``
-    runs the null-text inversion in that fast-path mode (:mod:`hifi.fastpath`); the
+    runs the null-text inversion in that fast-path mode (:mod:`hifi.execution.fastpath`); the
     prompt-to-prompt pass edits attention in Python and runs eagerly.
     """
     config = config or NullTextConfig()

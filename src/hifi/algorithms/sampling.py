@@ -48,7 +48,7 @@ def null_guided_step(
     The step that null-text inversion's phi_t and Algorithm 2's phi_h are optimised through.
     Given ``out_cond`` = eps(x_t, c), which does not depend on phi, only the unconditional
     branch runs; without it both do (the naive way). ``t`` and the alphas may be tensors, so
-    a captured graph or compiled step serves every timestep (:mod:`hifi.fastpath`).
+    a captured graph or compiled step serves every timestep (:mod:`hifi.execution.fastpath`).
     """
     if out_cond is None:
         out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
+from hifi.algorithms.subject import IDENTIFIER, PLACEHOLDER, Mode, Subject
 from hifi.errors import HifiError
-from hifi.fastpath import ACCEL_MODES, AdamStep
+from hifi.execution.fastpath import ACCEL_MODES, AdamStep
 from hifi.kernels.ddim import add_noise, ddim_timesteps, training_target
 from hifi.kernels.losses import masked_mse, resize_mask, ridge_to_null, splice_subject, subject_slots
-from hifi.protocols import DenoiserBackend
-from hifi.subject import IDENTIFIER, PLACEHOLDER, Mode, Subject
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = ["Checkpointer", "TuneConfig", "TuneResult", "caption_for", "tune"]
 
@@ -47,7 +47,7 @@ class TuneConfig:
     no-mask row; ``stepwise_steps = 0`` the no-step-wise row; ``mode="classic-ti"`` the
     Textual Inversion baseline; ``mode="dreambooth"`` the DreamBooth variant.
     ``accel`` runs the c_s steps (Eq. 6, Algorithm 1) eagerly, compiled, or as a captured
-    CUDA graph (:mod:`hifi.fastpath`); it changes speed, not the random stream, and a run
+    CUDA graph (:mod:`hifi.execution.fastpath`); it changes speed, not the random stream, and a run
     may resume under another mode.
     """
 
@@ -97,7 +97,7 @@ class TuneConfig:
 
 
 class Checkpointer(Protocol):
-    """Where a tune keeps its resumable state (see :class:`hifi.runs.FolderCheckpointer`)."""
+    """Where a tune keeps its resumable state (see :class:`hifi.io.runs.FolderCheckpointer`)."""
 
     def load(self) -> dict[str, Any] | None:
         """The last saved state, or None to start afresh."""

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 from hifi.registry import load_backend
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.algorithms.tune import TuneConfig
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
-from hifi.demo import run_demo
+from hifi.workflows.demo import run_demo
 
 
 def run(args: argparse.Namespace) -> int:

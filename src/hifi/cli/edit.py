@@ -21,8 +21,8 @@ from torch import Tensor
 from hifi.algorithms.null_text import NullTextConfig
 from hifi.algorithms.replace import Edit, edit_image, swap_caption_word
 from hifi.cli.common import add_backend_flags, backend_from_args
-from hifi.fastpath import ACCEL_MODES, check_accel
-from hifi.io import image_to_tensor, load_image, make_grid, save_image, tensor_to_image, write_json
+from hifi.execution.fastpath import ACCEL_MODES, check_accel
+from hifi.io.images import image_to_tensor, load_image, make_grid, save_image, tensor_to_image, write_json
 
 __all__ = ["add_edit_flags", "config_from_args", "register", "run", "write_edit"]
 

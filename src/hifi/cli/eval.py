@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.cli.common import add_backend_flags, backend_from_args
-from hifi.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth, summary_markdown
-from hifi.fastpath import ACCEL_MODES
+from hifi.execution.fastpath import ACCEL_MODES
+from hifi.workflows.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth, summary_markdown
 
 
 def _distributed() -> tuple[int, int, str | None]:

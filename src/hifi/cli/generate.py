@@ -28,11 +28,11 @@ from hifi.algorithms.reference import (
 )
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
 from hifi.errors import HifiError
-from hifi.fastpath import ACCEL_MODES, check_accel
-from hifi.io import make_grid, save_image, tensor_to_image, write_json
+from hifi.execution.fastpath import ACCEL_MODES, check_accel
+from hifi.io.images import make_grid, save_image, tensor_to_image, write_json
+from hifi.io.runs import apply_run, load_run
 from hifi.perception_registry import configured_perception
-from hifi.runs import apply_run, load_run
-from hifi.workflows import load_references
+from hifi.workflows.photos import load_references
 
 RESULT_FILE = "generate.json"
 

@@ -9,13 +9,13 @@ from typing import Any
 import attrs
 
 from hifi.algorithms.replace import replace_subject, swap_caption_word
+from hifi.algorithms.subject import SUBJECT_SLOT
 from hifi.cli.common import add_backend_flags, backend_from_args
 from hifi.cli.edit import add_edit_flags, config_from_args, note, photo_note, to_backend, write_edit
-from hifi.fastpath import check_accel
-from hifi.io import load_image
+from hifi.execution.fastpath import check_accel
+from hifi.io.images import load_image
+from hifi.io.runs import apply_run, load_run
 from hifi.perception import TemplateCaptioner
-from hifi.runs import apply_run, load_run
-from hifi.subject import SUBJECT_SLOT
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hifi.algorithms.subject import MODES
 from hifi.algorithms.tune import TuneConfig
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
-from hifi.fastpath import ACCEL_MODES
-from hifi.subject import MODES
-from hifi.workflows import tune_to_run
+from hifi.execution.fastpath import ACCEL_MODES
+from hifi.workflows.tune import tune_to_run
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     loss scale does not depend on how large the subject is in the photo. Cells outside
     the mask receive no gradient. An all-zero mask is an error (nothing to learn from);
     that check reads the sum back, so it is skipped inside ``torch.compile`` and CUDA-graph
-    capture (:mod:`hifi.fastpath`), where callers check their masks once beforehand.
+    capture (:mod:`hifi.execution.fastpath`), where callers check their masks once beforehand.
     """
     if mask.shape[0] != pred.shape[0] or mask.shape[-2:] != pred.shape[-2:]:
         raise ValueError(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hifi.io import atomic_path, save_image
+from hifi.io.images import atomic_path, save_image
 from hifi.toyworld.world import SCENES, Look, ToyObject, render, sample_pose
 
 __all__ = ["PROMPTS", "SUBJECTS", "export_dataset", "subject_photos"]

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
-from hifi.protocols import DenoiserBackend
-from hifi.subject import Subject
+from hifi.algorithms.subject import Subject
+from hifi.protocols.denoiser import DenoiserBackend
 from hifi.toyworld.world import CLASSES, COLOURS, SCENES, Look, ToyObject, render, sample_object
 from hifi_backends.toy.perception import ToyClipEmbedder
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hifi.io import atomic_path, write_json
+from hifi.io.images import atomic_path, write_json
 from hifi.toyworld.subjects import SUBJECTS
 from hifi.toyworld.world import COLOURS, SCENES, Look, ToyObject, caption, render, sample_object, sample_pose
 

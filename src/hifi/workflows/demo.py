@@ -22,21 +22,22 @@ from torch import Tensor
 
 from hifi.algorithms.generate import generate
 from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
+from hifi.algorithms.subject import Subject
 from hifi.algorithms.tune import TuneConfig
 from hifi.errors import HifiError
-from hifi.io import (
+from hifi.io.images import (
     atomic_path,
     make_grid,
     save_image,
     tensor_to_image,
     write_json,
 )
+from hifi.io.runs import apply_run, load_run
 from hifi.perception_registry import configured_perception
-from hifi.protocols import DenoiserBackend
-from hifi.runs import apply_run, load_run
-from hifi.subject import Subject
+from hifi.protocols.denoiser import DenoiserBackend
 from hifi.toyworld.subjects import SUBJECTS, export_dataset
-from hifi.workflows import load_references, tune_to_run
+from hifi.workflows.photos import load_references
+from hifi.workflows.tune import tune_to_run
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = [
     "AttentionController",

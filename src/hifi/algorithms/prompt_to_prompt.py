@@ -1,7 +1,7 @@
 """Prompt-to-prompt cross-attention control (Hertz et al.), as Algorithm 3 uses it.
 
 Controllers are callables ``controller(layer, probs, heads) -> probs`` that
-:func:`hifi.attention.controlled_attention` installs through diffusers' attention-processor
+:func:`hifi.algorithms.attention.controlled_attention` installs through diffusers' attention-processor
 seam. They are built from plain values (which rows of the batch are the reconstruction
 and the edit, and where each edited token's map comes from) and never count calls: a
 controller does the same thing at every layer and step it is called at.
@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import functional as F
 
-from hifi.attention import AttentionController
+from hifi.algorithms.attention import AttentionController
 
 __all__ = ["AttentionMean", "AttentionReplace", "chain", "inject_maps"]
 
@@ -74,7 +74,7 @@ class AttentionMean:
 
     Every map is resized to ``side x side`` on arrival and summed, so memory stays at one
     ``[rows, side, side, K]`` tensor whatever the number of layers and steps (unlike
-    :class:`hifi.attention.AttentionStore`, which keeps every step and layer).
+    :class:`hifi.algorithms.attention.AttentionStore`, which keeps every step and layer).
     """
 
     def __init__(self, rows: tuple[int, ...], side: int) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hifi.errors import HifiError
 from hifi.kernels.losses import splice_subject
-from hifi.protocols import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend
 
 Mode = Literal["hifi", "classic-ti", "dreambooth", "plain"]
 MODES: tuple[Mode, ...] = ("hifi", "classic-ti", "dreambooth")

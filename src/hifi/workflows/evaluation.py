@@ -34,9 +34,10 @@ from torch import Tensor
 
 from hifi.algorithms.generate import generate
 from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
+from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.algorithms.tune import TuneConfig
 from hifi.errors import HifiError
-from hifi.io import (
+from hifi.io.images import (
     atomic_path,
     image_to_tensor,
     list_images,
@@ -46,11 +47,11 @@ from hifi.io import (
     tensor_to_image,
     write_json,
 )
+from hifi.io.runs import apply_run, load_run
 from hifi.perception_registry import configured_perception
-from hifi.protocols import DenoiserBackend
-from hifi.runs import apply_run, load_run
-from hifi.subject import SUBJECT_SLOT, Subject
-from hifi.workflows import load_references, tune_to_run
+from hifi.protocols.denoiser import DenoiserBackend
+from hifi.workflows.photos import load_references
+from hifi.workflows.tune import tune_to_run
 
 __all__ = [
     "METHODS",
@@ -143,7 +144,7 @@ class EvalSettings:
     learning_rates: tuple[tuple[str, float], ...] = ()
     """Per tuning mode, a learning rate other than the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
     accel: str = "eager"
-    """How the fixed-shape steps run (:mod:`hifi.fastpath`): the tunes, the generations and the
+    """How the fixed-shape steps run (:mod:`hifi.execution.fastpath`): the tunes, the generations and the
     reference-guided loops; the results do not depend on it beyond floating-point rounding."""
 
     def tune_config(self, method: Method) -> TuneConfig:

@@ -6,8 +6,8 @@ that swaps in ``[c, c_s^t]`` before every later step (Eq. 7)::
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from hifi import load_backend
-    from hifi.diffusers_compat import pipeline_inputs
-    from hifi.runs import apply_run, load_run
+    from hifi.io.diffusers_compat import pipeline_inputs
+    from hifi.io.runs import apply_run, load_run
 
     backend = load_backend("sd14", model="/models/sd-v1-4")
     subject = apply_run(load_run("runs/can"), backend)
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from hifi.algorithms.generate import step_conditions
-from hifi.protocols import DenoiserBackend
-from hifi.subject import Subject
+from hifi.algorithms.subject import Subject
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = ["StepwiseEmbeddingsCallback", "pipeline_inputs"]
 

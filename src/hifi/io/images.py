@@ -1,6 +1,6 @@
 """Files at the edge: images in and out, atomic writes, grids.
 
-Everything that touches the file system lives here (and in :mod:`hifi.runs`), so the
+Everything that touches the file system lives here (and in :mod:`hifi.io.runs`), so the
 kernels and algorithms stay pure. Every write is atomic: a temporary file in the target
 folder, then ``os.replace``, so an interrupted run never leaves a half-written file.
 """

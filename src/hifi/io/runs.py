@@ -33,10 +33,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hifi import __version__
+from hifi.algorithms.subject import PLACEHOLDER, Mode, Subject
 from hifi.errors import HifiError
-from hifi.io import atomic_path, write_json
-from hifi.protocols import DenoiserBackend
-from hifi.subject import PLACEHOLDER, Mode, Subject
+from hifi.io.images import atomic_path, write_json
+from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = [
     "FolderCheckpointer",

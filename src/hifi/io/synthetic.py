@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from hifi.io import save_image
+from hifi.io.images import save_image
 
 __all__ = ["draw_subject_photos"]
 

@@ -1,0 +1,11 @@
+"""Workflows: files in, files out (the floor just under the command line).
+
+Each joins the I/O edge (:mod:`hifi.io`) to the algorithms and never prints: warnings come
+back in its result, progress goes to an optional tqdm bar. The command line is a thin layer
+over them; an embedding product calls them directly.
+"""
+
+from hifi.workflows.photos import SubjectPhotos, load_references, load_subject_photos
+from hifi.workflows.tune import TuneOutcome, tune_to_run
+
+__all__ = ["SubjectPhotos", "TuneOutcome", "load_references", "load_subject_photos", "tune_to_run"]
