@@ -181,7 +181,7 @@ def run_stages(backend: DenoiserBackend, args: argparse.Namespace, rec: Recorder
 
 def run_perception(device: str, rec: Recorder) -> None:
     """Every model-backed perception model, random tiny weights, on ``device``."""
-    from hifi.perception_registry import load_captioner, load_embedder, load_segmenter
+    from hifi.perception.registry import load_captioner, load_embedder, load_segmenter
 
     images = torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(0)) * 2 - 1
     images = images.to(device)

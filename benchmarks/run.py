@@ -27,16 +27,18 @@ import torch
 import torch.nn.functional as F
 
 from hifi import load_backend
+from hifi.algorithms.guidance import reference_guided_sample
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
-from hifi.algorithms.reference import reference_guided_sample
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
 from hifi.algorithms.subject import PLACEHOLDER
 from hifi.algorithms.tune import TuneConfig, tune
-from hifi.execution.fastpath import ACCEL_MODES, AdamStep, accelerate_model
+from hifi.algorithms.tune_hifi import c_s_loss
+from hifi.execution.edge import Bound, Execution, adam_steps
+from hifi.execution.fastpath import ACCEL_MODES
 from hifi.io.images import atomic_path, write_json
-from hifi.kernels.ddim import add_noise, cfg_combine, ddim_step, ddim_timesteps
-from hifi.kernels.losses import masked_mse, ridge_to_null, splice_subject, subject_slots
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.kernels.ddim import DdimGrid, add_noise, cfg_combine, ddim_step, ddim_timesteps
+from hifi.kernels.losses import ridge_to_null, splice_subject, subject_slots
+from hifi.protocols.denoiser import DenoiserBackend, TextualInversionBackend
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -86,12 +88,12 @@ class Stages:
         self.c_s = self.phi_s.clone().requires_grad_(True)
         self.opt = torch.optim.Adam([self.c_s], lr=5e-3)
         self.alphas = torch.tensor(backend.schedule.alphas_cumprod)
-        add = getattr(backend, "add_placeholder_token", None)
-        self.has_ti = add is not None
-        if add is not None:
-            add(PLACEHOLDER)
-            textual: Any = backend  # the backends with add_placeholder_token have input_embedding too
-            self.vector = textual.input_embedding("dog").float().requires_grad_(True)
+        self.c_s_loss = Bound(c_s_loss, backend.denoise, 1e-4)  # the shipped Eq. 6, as the tune runs it
+        self.c_s_runner = adam_steps(self.c_s_loss, self.phi_s, 5e-3)
+        self.has_ti = isinstance(backend, TextualInversionBackend)
+        if isinstance(backend, TextualInversionBackend):
+            backend.add_placeholder_token(PLACEHOLDER)
+            self.vector = backend.input_embedding("dog").float().requires_grad_(True)
             self.ti_opt = torch.optim.Adam([self.vector], lr=5e-3)
 
     def _noisy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,25 +101,17 @@ class Stages:
         eps = torch.randn_like(self.x0)
         return add_noise(self.x0, eps, self.alphas[t].to(self.x0)), t.to(self.x0.device), eps
 
-    def _c_s_loss(self, c_s: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Eq. 6 with the caption encoded once and all images in one batch."""
-        loss = masked_mse(self.b.denoise(x_t, t, splice_subject(self.c, c_s)).float(), eps.float(), self.mask)
-        return loss + ridge_to_null(c_s, self.phi_s, 1e-4)
-
     def c_s_step(self) -> None:
-        """One step of Eq. 6, eager."""
-        loss = self._c_s_loss(self.c_s, *self._noisy())
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
+        """One step of Eq. 6 (the shipped :func:`hifi.algorithms.tune_hifi.c_s_loss`), eager: the caption
+        encoded once and all images in one batch."""
+        self.c_s_runner(*self._noisy(), self.c, self.phi_s, self.mask)
 
     def accelerated_c_s_step(self, accel: str) -> Callable[[], None]:
-        """The c_s step through :class:`hifi.execution.fastpath.AdamStep` in mode ``accel`` (its own c_s and Adam)."""
-        c_s = self.phi_s.clone().requires_grad_(True)
-        runner = AdamStep(lambda p, *inputs: (self._c_s_loss(p, *inputs),), c_s, 5e-3, accel)
+        """The same shipped step through a runner in mode ``accel`` (its own c_s and Adam)."""
+        runner = Execution(accel, self.b.device).runner(self.c_s_loss, self.phi_s, 5e-3)
 
         def step() -> None:
-            runner(*self._noisy())
+            runner(*self._noisy(), self.c, self.phi_s, self.mask)
 
         return step
 
@@ -148,7 +142,7 @@ class Stages:
 
     def cfg_forward(self, accel: str = "eager") -> Callable[[], None]:
         """One classifier-free-guided UNet forward (both branches, one batch of 2), in mode ``accel``."""
-        model = accelerate_model(self.b.denoise, self.b.device, accel)
+        model = Execution(accel, self.b.device).model(self.b.denoise)
         x, emb = torch.cat([self.x0[:1]] * 2), torch.cat([self.phi, self.c])
 
         def forward() -> None:
@@ -159,9 +153,9 @@ class Stages:
 
     def generation(self, accel: str = "eager") -> None:
         """N-step DDIM with guidance: both branches in one batched call."""
-        model = accelerate_model(self.b.denoise, self.b.device, accel)
+        model = Execution(accel, self.b.device).model(self.b.denoise)
         with torch.no_grad():
-            ddim_sample(model, self.b.schedule, self.x0[:1], self.c, uncond=self.phi, num_steps=self.n)
+            ddim_sample(model, DdimGrid.build(self.b.schedule, self.n), self.x0[:1], self.c, uncond=self.phi)
 
     def generation_naive(self) -> None:
         """The same with the conditional and unconditional branches as two calls."""
@@ -175,13 +169,13 @@ class Stages:
 
     def inversion(self) -> None:
         with torch.no_grad():
-            ddim_invert(self.b.denoise, self.b.schedule, self.x0[:1], self.c, num_steps=self.n)
+            ddim_invert(self.b.denoise, DdimGrid.build(self.b.schedule, self.n), self.x0[:1], self.c)
 
     @functools.cached_property
     def trajectory(self) -> Any:
         """The reference's DDIM inversion [x_0*, ..., x_T*]: an input of Algorithm 2, made once, untimed."""
         with torch.no_grad():
-            return ddim_invert(self.b.denoise, self.b.schedule, self.x0[:1], self.c, num_steps=self.n)
+            return ddim_invert(self.b.denoise, DdimGrid.build(self.b.schedule, self.n), self.x0[:1], self.c)
 
     def guided(self, naive: bool = False, accel: str = "eager") -> None:
         """Algorithm 2's loop (t_s..t_e with J phi_h steps), the stage reference guidance adds.
@@ -189,27 +183,31 @@ class Stages:
         The reference's inversion is Algorithm 2's input, not part of it (:attr:`trajectory`,
         made before the timing starts); until 2026-11-27 it ran inside every timed call.
         """
-        s, trajectory = self.b.schedule, self.trajectory
+        execution = Execution(accel, self.b.device)
         mask = torch.zeros(1, 1, *self.x0.shape[-2:], dtype=torch.bool, device=self.x0.device)
         mask[..., 1:-1, 1:-1] = True
         t_start, t_end = max(1, int(self.n * 0.8)), max(1, int(self.n * 0.2))
         reference_guided_sample(
-            self.b.denoise, s, torch.randn_like(self.x0[:1]), self.c, trajectory, mask, uncond=self.phi,
-            guidance=7.5, num_steps=self.n, t_start=t_start, t_end=t_end, phi_steps=10, phi_lr=1e-2, naive=naive,
-            accel=accel,
+            execution.model(self.b.denoise), DdimGrid.build(self.b.schedule, self.n), torch.randn_like(self.x0[:1]),
+            self.c, self.trajectory, mask, uncond=self.phi, guidance=7.5, t_start=t_start, t_end=t_end, phi_steps=10,
+            phi_lr=1e-2, naive=naive, optimiser=execution.runner,
         )
 
     def null_text(self, naive: bool = False, accel: str = "eager") -> None:
         """Null-text inversion (Eq. 4), K = 10, no early stop."""
         config = NullTextConfig(num_steps=self.n, inner_steps=10, tolerance=0.0, naive=naive)
-        null_text_inversion(self.b.denoise, self.b.schedule, self.x0[:1], self.c, self.phi, config, accel=accel)
+        execution = Execution(accel, self.b.device)
+        null_text_inversion(execution.model(self.b.denoise), DdimGrid.build(self.b.schedule, self.n), self.x0[:1],
+                            self.c, self.phi, config, optimiser=execution.runner)
 
     def full_tune(self, accel: str = "eager", images: int = 3) -> None:
         """A default tune (TuneConfig(): the global stage, then Algorithm 1's I x T steps) on ``images`` photos."""
         g = torch.Generator().manual_seed(0)
         side = self.b.resolution
         photos = (torch.rand(images, 3, side, side, generator=g) * 2 - 1).to(self.b.device)
-        tune(self.b, photos, "dog", config=TuneConfig(accel=accel))
+        execution = Execution(accel, self.b.device)
+        tune(self.b, photos, "dog", config=TuneConfig(), model=execution.model(self.b.denoise),
+             optimiser=execution.runner)
 
 
 def _beside(backend: DenoiserBackend, stage: str, seconds: float, naive: str, naive_seconds: float) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.errors import HifiError
 from hifi.io.images import atomic_path, image_to_tensor, list_images, load_image, write_json
-from hifi.perception_registry import load_embedder
+from hifi.perception.registry import load_embedder
 from hifi.registry import load_backend
 from hifi.toyworld.subjects import SUBJECTS, export_dataset
 from hifi.workflows.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth

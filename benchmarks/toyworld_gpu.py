@@ -34,7 +34,9 @@ import attrs
 import torch
 
 from hifi.io.images import write_json
-from hifi_backends.toy.train import TrainSettings, _device, _save_model_dir, run_stage, settings_over, stage_bundle
+from hifi_backends.toy.training.bundle import _save_model_dir, stage_bundle
+from hifi_backends.toy.training.pipeline import run_stage
+from hifi_backends.toy.training.settings import TrainSettings, _device, settings_over
 
 SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter")
 """The folders carried from a CPU run (with their stages' ``.json``)."""

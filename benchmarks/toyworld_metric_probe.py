@@ -40,7 +40,8 @@ def probe_round_trip_metric(work: str | Path, *, metric: str | None = None, gene
 
     from hifi_backends.toy.perception import load_toyclip
     from hifi_backends.toy.quality import prompt_following
-    from hifi_backends.toy.train import Pool, _token_ids
+    from hifi_backends.toy.training.data import Pool
+    from hifi_backends.toy.training.towers import _token_ids
 
     work = Path(work)
     began = time.time()

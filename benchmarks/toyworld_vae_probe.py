@@ -35,7 +35,8 @@ from hifi.toyworld.world import render, sample_object
 from hifi_backends.toy.models import vae_config
 from hifi_backends.toy.perception import load_toyclip
 from hifi_backends.toy.quality import classify
-from hifi_backends.toy.train import Pool, _schedule
+from hifi_backends.toy.training.data import Pool
+from hifi_backends.toy.training.loop import _schedule
 
 RESULTS = Path(__file__).parent / "results" / "toyworld-model"
 
@@ -71,7 +72,7 @@ def probe(work: Path, channels: int, steps: int, batch: int = 16, seed: int = 0,
     opt = torch.optim.AdamW([q for q in vae.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
     began = time.time()
-    for i in range(steps):  # the `vae` stage's step (train.stage_vae), or `vae_detail`'s
+    for i in range(steps):  # the `vae` stage's step (training.autoencoder.stage_vae), or `vae_detail`'s
         _schedule(opt, lr, i, steps, warmup=100 if init is None else 50)
         index = torch.randint(len(pool), (batch,), generator=gen)
         x = pool.batch(index) * 2 - 1

@@ -7,6 +7,7 @@ import torch
 
 from hifi import DenoiserBackend, HifiError, ModelNotFoundError, load_backend
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
+from hifi.kernels.ddim import DdimGrid
 from hifi.kernels.losses import masked_mse, resize_mask, splice_subject, subject_slots
 from hifi.registry import available_backends, register_backend
 
@@ -144,11 +145,10 @@ def test_full_size_architectures_run_the_kernels(arch, width, prediction):
         image = torch.rand(1, 3, 64, 64) * 2 - 1
         x0 = backend.encode_images(image)
         assert x0.shape == (1, 4, 8, 8)
-        trajectory = ddim_invert(backend.denoise, backend.schedule, x0, c, num_steps=2)
+        trajectory = ddim_invert(backend.denoise, DdimGrid.build(backend.schedule, 2), x0, c)
         x = ddim_sample(
-            backend.denoise, backend.schedule, trajectory[-1], c,
-            uncond=backend.null_embedding(), guidance=7.5, num_steps=2,
-        )
+            backend.denoise, DdimGrid.build(backend.schedule, 2), trajectory[-1], c,
+            uncond=backend.null_embedding(), guidance=7.5)
         out = backend.decode_latents(x)
     assert out.shape == image.shape and torch.isfinite(out).all()
 

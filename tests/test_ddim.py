@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
 from hifi.kernels.ddim import (
+    DdimGrid,
     Schedule,
     cfg_combine,
     ddim_inverse_step,
@@ -119,9 +120,9 @@ def test_inversion_round_trip_is_exact_for_x_independent_noise(spacing, num_step
     x0 = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     model = _exact_model(schedule, torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64))
     cond = torch.zeros(1, 3, 2, dtype=torch.float64)
-    trajectory = ddim_invert(model, schedule, x0, cond, uncond=cond, guidance=guidance, num_steps=num_steps)
+    trajectory = ddim_invert(model, DdimGrid.build(schedule, num_steps), x0, cond, uncond=cond, guidance=guidance)
     assert len(trajectory) == num_steps + 1
-    back = ddim_sample(model, schedule, trajectory[-1], cond, uncond=cond, guidance=guidance, num_steps=num_steps)
+    back = ddim_sample(model, DdimGrid.build(schedule, num_steps), trajectory[-1], cond, uncond=cond, guidance=guidance)
     torch.testing.assert_close(back, x0, rtol=1e-9, atol=1e-9)
 
 
@@ -137,8 +138,8 @@ def test_inversion_round_trip_error_shrinks_with_more_steps(tiny):
     errors = {}
     with torch.no_grad():
         for n in (25, 50, 100):
-            traj = ddim_invert(tiny.denoise, tiny.schedule, x0, cond, num_steps=n)
-            back = ddim_sample(tiny.denoise, tiny.schedule, traj[-1], cond, guidance=1.0, num_steps=n)
+            traj = ddim_invert(tiny.denoise, DdimGrid.build(tiny.schedule, n), x0, cond)
+            back = ddim_sample(tiny.denoise, DdimGrid.build(tiny.schedule, n), traj[-1], cond, guidance=1.0)
             errors[n] = (back - x0).pow(2).mean().sqrt().item()
     print("tiny UNet DDIM round-trip RMS error by step count:", errors)
     assert errors[100] < errors[50] < errors[25]

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from hifi.cli import main
-from hifi.perception_registry import ModelSlot, available_perception, doctor_report, locate_model, runtime_versions
+from hifi.perception.doctor import doctor_report, runtime_versions
+from hifi.perception.models import ModelSlot, locate_model
+from hifi.perception.registry import available_perception
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +47,22 @@ def test_rows_say_where_each_source_comes_from(tmp_path, monkeypatch):
     (template,) = _rows("template")
     assert template["configured"] == "nothing to configure"
     assert {r["device"] for r in doctor_report()} <= {"cpu", "cuda"}
+
+
+def test_the_bundled_toyworld_models_are_reported_as_bundled(capsys):
+    """ToyWorld's diffusion and perception models are trained and ship in the package: neither random nor
+    weight-free, and found in the bundle folder."""
+    from hifi_backends.toy.backend import BUNDLE
+
+    for name in ("toy", "toy-seg", "toy-id", "toyclip"):
+        (row,) = _rows(name)
+        assert row["what"] not in ("random weights", "no weights") and "trained" in row["what"]
+        assert (row["model"], row["configured"], row["found"]) == (str(BUNDLE), "bundled", "folder")
+    (tiny,) = _rows("tiny")
+    assert tiny["what"] == "random weights"
+    assert main(["doctor"]) == 0
+    (toy,) = [line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["backend", "toy"]]
+    assert "bundled" in toy and str(BUNDLE) in toy and "random" not in toy
 
 
 def test_locate_model_looks_without_loading(tmp_path):

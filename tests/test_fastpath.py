@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hifi.errors import HifiError
+from hifi.execution.edge import Execution
 from hifi.execution.fastpath import AdamStep, check_accel
+from hifi.kernels.ddim import DdimGrid
 
 
 def _quadratic(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +81,10 @@ def _tune(accel: str, device: str = "cpu", channels_last: bool = False):
     backend.set_channels_last(channels_last)
     g = torch.Generator().manual_seed(3)
     images = (torch.rand(3, 3, backend.resolution, backend.resolution, generator=g) * 2 - 1).to(device)
-    config = TuneConfig(steps=4, stepwise_steps=2, num_steps=2, accel=accel)
-    return tune(backend, images, "dog", config=config)
+    config = TuneConfig(steps=4, stepwise_steps=2, num_steps=2)
+    execution = Execution(accel, device)
+    return tune(backend, images, "dog", config=config, model=execution.model(backend.denoise),
+                optimiser=execution.runner)
 
 
 def test_tune_with_compiled_steps_matches_eager():
@@ -114,9 +118,7 @@ def test_channels_last_graph_tune_matches_eager_on_cuda(full_fp32):
 def test_the_commands_pass_accel_on_and_refuse_graph_without_cuda(tmp_path, capsys):
     from hifi.cli import main
     from hifi.io.synthetic import draw_subject_photos
-    from hifi.workflows.evaluation import METHODS, EvalSettings
 
-    assert EvalSettings(accel="compile").tune_config(METHODS["hifi"]).accel == "compile"
     photos, _ = draw_subject_photos(tmp_path / "photos")
     code = main(["tune", "--subject", str(photos), "--class-name", "box", "--out", str(tmp_path / "run"),
                  "--backend", "tiny", "--steps", "2", "--accel", "graph", "--quiet"])
@@ -135,25 +137,27 @@ def _loops(accel: str, device: str = "cpu", which: tuple[str, ...] = ("generate"
            ) -> dict[str, torch.Tensor]:
     """Plain generation, null-text inversion and Algorithm 2 on the tiny backend in mode ``accel``."""
     from hifi.algorithms.generate import generate
+    from hifi.algorithms.guidance import reference_guided_sample
     from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
-    from hifi.algorithms.reference import reference_guided_sample
     from hifi.algorithms.sampling import ddim_invert
     from hifi.algorithms.subject import Subject
     from hifi.registry import load_backend
 
     backend = load_backend("tiny", device=device)
+    execution = Execution(accel, device)
+    model = execution.model(backend.denoise)
     subject = Subject.plain("dog")
     drawn = generate(backend, subject, "a photo of a <subject>", [0, 1], num_steps=4,
-                     accel=accel if "generate" in which else "eager")
+                     model=model if "generate" in which else None)
     x_0 = drawn.latents[:1]
     out = {"generated": drawn.latents}
     with torch.no_grad():
         cond = backend.encode_text(["a photo of a dog"])
-        trajectory = ddim_invert(backend.denoise, backend.schedule, x_0, cond, num_steps=4)
+        trajectory = ddim_invert(backend.denoise, DdimGrid.build(backend.schedule, 4), x_0, cond)
     if "null-text" in which:
         config = NullTextConfig(num_steps=4, inner_steps=3)
-        inverted = null_text_inversion(backend.denoise, backend.schedule, x_0, cond, backend.null_embedding(),
-                                       config, accel=accel)
+        inverted = null_text_inversion(model, DdimGrid.build(backend.schedule, 4), x_0, cond, backend.null_embedding(),
+                                       config, optimiser=execution.runner)
         out.update(phis=torch.stack(inverted.phis), reconstruction=inverted.reconstruction,
                    null_text_losses=torch.tensor(inverted.losses))
     if "guided" not in which:
@@ -161,9 +165,10 @@ def _loops(accel: str, device: str = "cpu", which: tuple[str, ...] = ("generate"
     mask = torch.zeros(1, 1, *x_0.shape[-2:], dtype=torch.bool, device=device)
     mask[..., 2:6, 2:6] = True
     guided = reference_guided_sample(
-        backend.denoise, backend.schedule, torch.randn(x_0.shape, generator=torch.Generator().manual_seed(5)).to(x_0),
-        cond, trajectory, mask, uncond=backend.null_embedding(), num_steps=4, t_start=3, t_end=2, phi_steps=3,
-        accel=accel,
+        model, DdimGrid.build(backend.schedule, 4),
+        torch.randn(x_0.shape, generator=torch.Generator().manual_seed(5)).to(x_0),
+        cond, trajectory, mask, uncond=backend.null_embedding(), t_start=3, t_end=2, phi_steps=3,
+        optimiser=execution.runner,
     )
     out.update(guided=guided.latents,
                phi_h_losses=torch.tensor([loss for step in guided.losses for loss in step.losses]))

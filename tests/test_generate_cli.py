@@ -14,7 +14,7 @@ from hifi import load_backend
 from hifi.algorithms.subject import Subject
 from hifi.cli import main
 from hifi.io.runs import RunMeta, save_run
-from hifi.perception_registry import register_segmenter
+from hifi.perception.registry import register_segmenter
 
 FAST = ["--steps", "6", "--t-start", "4", "--t-end", "2", "--phi-steps", "2", "--quiet"]
 PROMPT = "a photo of a dog on the beach"

@@ -8,7 +8,7 @@ import torch
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion, null_text_sample
 from hifi.algorithms.sampling import ddim_sample
 from hifi.errors import HifiError
-from hifi.kernels.ddim import Schedule
+from hifi.kernels.ddim import DdimGrid, Schedule
 
 SD_SCHEDULE = Schedule.from_config(
     {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "set_alpha_to_one": False,
@@ -41,13 +41,13 @@ def test_null_text_recovers_the_image_when_phi_can_express_the_correction(proble
     x_0, cond, phi = problem
     model = StandIn(cond)
     config = NullTextConfig(num_steps=10, inner_steps=100, lr=5e-2)
-    inv = null_text_inversion(model, SD_SCHEDULE, x_0, cond, phi, config)
-    plain = ddim_sample(model, SD_SCHEDULE, inv.x_T, cond, uncond=phi, guidance=7.5, num_steps=10)
+    inv = null_text_inversion(model, DdimGrid.build(SD_SCHEDULE, config.num_steps), x_0, cond, phi, config)
+    plain = ddim_sample(model, DdimGrid.build(SD_SCHEDULE, 10), inv.x_T, cond, uncond=phi, guidance=7.5)
     assert (plain - x_0).pow(2).mean() > 100, "plain guided DDIM from x*_T misses x_0 by far"
     assert (inv.reconstruction - x_0).pow(2).mean() < 1e-4
     assert all(loss < 1e-5 or k == 100 for loss, k in zip(inv.losses, inv.iterations, strict=True))
     assert min(inv.iterations) < 100, "early stopping ends some steps before K"
-    again = null_text_sample(model, SD_SCHEDULE, inv.x_T, cond, inv.phis, guidance=7.5)
+    again = null_text_sample(model, DdimGrid.build(SD_SCHEDULE, inv.num_steps), inv.x_T, cond, inv.phis, guidance=7.5)
     torch.testing.assert_close(again, inv.reconstruction)
 
 
@@ -55,7 +55,7 @@ def test_the_conditional_branch_runs_once_per_step_without_gradients(problem):
     x_0, cond, phi = problem
     model = StandIn(cond)
     config = NullTextConfig(num_steps=6, inner_steps=3, tolerance=0)
-    inv = null_text_inversion(model, SD_SCHEDULE, x_0, cond, phi, config)
+    inv = null_text_inversion(model, DdimGrid.build(SD_SCHEDULE, config.num_steps), x_0, cond, phi, config)
     conditional = [grad for is_cond, grad in model.calls if is_cond]
     assert len(conditional) == 6 + 6, "6 inversion steps, then once per denoising step"
     assert not any(conditional)
@@ -69,7 +69,8 @@ def test_the_conditional_branch_runs_once_per_step_without_gradients(problem):
 
 def test_a_loose_tolerance_leaves_phi_untouched(problem):
     x_0, cond, phi = problem
-    inv = null_text_inversion(StandIn(cond), SD_SCHEDULE, x_0, cond, phi, NullTextConfig(num_steps=4, tolerance=1e9))
+    inv = null_text_inversion(StandIn(cond), DdimGrid.build(SD_SCHEDULE, 4), x_0, cond, phi,
+                              NullTextConfig(num_steps=4, tolerance=1e9))
     assert inv.iterations == (0,) * 4
     assert all(torch.equal(p, phi) for p in inv.phis)
 
@@ -78,7 +79,8 @@ def test_null_text_works_under_no_grad(problem):
     x_0, cond, phi = problem
     with torch.no_grad():
         inv = null_text_inversion(
-            StandIn(cond), SD_SCHEDULE, x_0, cond, phi, NullTextConfig(num_steps=3, inner_steps=2, lr=0.1)
+            StandIn(cond), DdimGrid.build(SD_SCHEDULE, 3), x_0, cond, phi,
+            NullTextConfig(num_steps=3, inner_steps=2, lr=0.1),
         )
     assert not all(torch.equal(p, phi) for p in inv.phis)
 
@@ -100,9 +102,9 @@ def tiny_inversion(tiny):
         cond = tiny.encode_text(["a photo of a cat on the beach"])
     phi = tiny.null_embedding()
     config = NullTextConfig(guidance=7.5, num_steps=8, inner_steps=4, lr=5e-2)
-    inv = null_text_inversion(tiny.denoise, tiny.schedule, x_0, cond, phi, config)
+    inv = null_text_inversion(tiny.denoise, DdimGrid.build(tiny.schedule, config.num_steps), x_0, cond, phi, config)
     with torch.no_grad():
-        plain = ddim_sample(tiny.denoise, tiny.schedule, inv.x_T, cond, uncond=phi, guidance=7.5, num_steps=8)
+        plain = ddim_sample(tiny.denoise, DdimGrid.build(tiny.schedule, 8), inv.x_T, cond, uncond=phi, guidance=7.5)
     return x_0, cond, inv, plain
 
 
@@ -118,7 +120,8 @@ def test_null_text_reconstructs_better_than_plain_ddim_inversion(tiny_inversion)
 def test_the_learned_phis_retrace_the_reconstruction(tiny, tiny_inversion):
     _, cond, inv, _ = tiny_inversion
     with torch.no_grad():
-        again = null_text_sample(tiny.denoise, tiny.schedule, inv.x_T, cond, inv.phis, guidance=7.5)
+        grid = DdimGrid.build(tiny.schedule, inv.num_steps)
+        again = null_text_sample(tiny.denoise, grid, inv.x_T, cond, inv.phis, guidance=7.5)
     torch.testing.assert_close(again, inv.reconstruction, atol=1e-3, rtol=1e-4)
     assert all(p.shape == tiny.null_embedding().shape for p in inv.phis)
 
@@ -130,7 +133,7 @@ def test_the_naive_loop_gives_the_same_phis(tiny):
     cond = tiny.encode_text(["a photo of a dog"])
     phi = tiny.null_embedding()
     fast, naive = (
-        null_text_inversion(tiny.denoise, tiny.schedule, x_0, cond, phi,
+        null_text_inversion(tiny.denoise, DdimGrid.build(tiny.schedule, 4), x_0, cond, phi,
                             NullTextConfig(num_steps=4, inner_steps=2, lr=5e-2, naive=flag))
         for flag in (False, True)
     )

@@ -13,6 +13,7 @@ from hifi import HifiError
 from hifi.algorithms.attention import AttentionStore, observed_attention
 from hifi.algorithms.reference import first_pass, subject_token_positions
 from hifi.algorithms.subject import Subject
+from hifi.kernels.morphology import fill_holes, largest_component, otsu_threshold
 from hifi.perception import (
     AttentionSegmenter,
     Captioner,
@@ -21,9 +22,6 @@ from hifi.perception import (
     TemplateCaptioner,
     VaeLatentEmbedder,
     default_perception,
-    fill_holes,
-    largest_component,
-    otsu_threshold,
     subject_attention,
 )
 

@@ -17,13 +17,12 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from hifi.errors import HifiError, ModelNotFoundError
-from hifi.perception import Captioner, ImageEmbedder, Segmenter
-from hifi.perception_registry import (
-    FolderSegmenter,
-    auto_masks,
+from hifi.kernels.similarity import cosine_similarity_matrix
+from hifi.perception import Captioner, FolderSegmenter, ImageEmbedder, Segmenter
+from hifi.perception.masks import auto_masks
+from hifi.perception.registry import (
     available_perception,
     configured_perception,
-    cosine_similarity_matrix,
     load_captioner,
     load_embedder,
     load_segmenter,
@@ -427,9 +426,28 @@ def test_configured_perception_falls_back_to_weight_free(tiny, monkeypatch):
         "segmenter": "grounded-sam", "embedder": "dino", "captioner": "template"}
 
 
-def test_the_core_never_imports_the_backends():
-    """hifi.perception_registry finds the models through entry points, never by import."""
-    spec = importlib.util.find_spec("hifi.perception_registry")
+def test_a_backend_declaring_perception_preferences_gets_its_models_first(tiny, monkeypatch):
+    """A backend's PerceptionPreferences come before the environment's; the toy factory declares ToyWorld's."""
+    from hifi.protocols import PerceptionPreferences
+    from hifi.registry import backend_perception_defaults
+    from hifi_backends.toy.backend import PERCEPTION, build_toy_backend
+
+    monkeypatch.setenv("HIFI_DINO_MODEL", TINY)
+    assert isinstance(tiny, PerceptionPreferences) and not tiny.perception_defaults
+    assert configured_perception(tiny).embedder.name == "dino"
+    monkeypatch.setattr(tiny, "perception_defaults", {"embedder": "vae-latent"})
+    assert configured_perception(tiny).embedder.name == "vae-latent"
+    assert isinstance(build_toy_backend, PerceptionPreferences)
+    assert backend_perception_defaults("toy") == dict(PERCEPTION) == {"segmenter": "toy-seg", "embedder": "toy-id",
+                                                                      "clip": "toyclip"}
+    assert backend_perception_defaults("tiny") == {}
+
+
+@pytest.mark.parametrize("module", ["hifi.perception", "hifi.perception.builtin", "hifi.perception.registry",
+                                    "hifi.perception.masks", "hifi.perception.models", "hifi.perception.doctor"])
+def test_the_core_never_imports_the_backends(module):
+    """hifi.perception finds the models through entry points, never by import."""
+    spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin is not None
     with open(spec.origin) as f:
         tree = ast.parse(f.read())

@@ -10,22 +10,21 @@ import torch
 
 from hifi import HifiError, load_backend
 from hifi.algorithms.generate import generate, initial_noise, step_conditions
+from hifi.algorithms.guidance import check_guidance_window, reference_guided_sample
 from hifi.algorithms.reference import (
     ReferenceSettings,
     align_reference,
-    check_guidance_window,
     choose_reference,
     first_pass,
     invert_reference,
     latent_mask,
     prepare_references,
     reference_guided_generate,
-    reference_guided_sample,
     subject_token_positions,
 )
 from hifi.algorithms.sampling import ddim_sample
 from hifi.algorithms.subject import PLACEHOLDER, Subject
-from hifi.kernels.ddim import ddim_timesteps
+from hifi.kernels.ddim import DdimGrid, ddim_timesteps
 from hifi.perception import Perception, TemplateCaptioner, VaeLatentEmbedder, default_perception
 
 PROMPT = "a photo of a dog on the beach"
@@ -63,7 +62,7 @@ def sources():
 def guided_inputs(tiny, subject, sources):
     """x_T, [c, c_s^t], a real reference trajectory and a latent mask for Algorithm 2."""
     with torch.no_grad():
-        conds = step_conditions(tiny, subject, PROMPT, T)
+        conds = step_conditions(tiny, subject, PROMPT, DdimGrid.build(tiny.schedule, T))
     trajectory = invert_reference(tiny, sources[0][0], "a photo of a dog", num_steps=T)
     mask = latent_mask(sources[1][0], (8, 8))
     return initial_noise(tiny, [0]), conds, trajectory, mask
@@ -71,9 +70,10 @@ def guided_inputs(tiny, subject, sources):
 
 def _sample(tiny, guided_inputs, **kwargs):
     x_T, conds, trajectory, mask = guided_inputs
-    options = {"num_steps": T, "t_start": T_S, "t_end": T_E, "phi_steps": J, **kwargs}
+    options = {"t_start": T_S, "t_end": T_E, "phi_steps": J, **kwargs}
     return reference_guided_sample(
-        tiny.denoise, tiny.schedule, x_T, conds, trajectory, mask, uncond=tiny.null_embedding(), **options
+        tiny.denoise, DdimGrid.build(tiny.schedule, T), x_T, conds, trajectory, mask, uncond=tiny.null_embedding(),
+        **options
     )
 
 
@@ -163,10 +163,10 @@ def test_substitution_at_t_s_changes_only_the_masked_latents(tiny, subject, guid
 
     plain_seen, guided_seen = {}, {}
     with torch.no_grad():
-        ddim_sample(recorder(plain_seen), tiny.schedule, x_T, conds, uncond=tiny.null_embedding(), num_steps=T)
+        ddim_sample(recorder(plain_seen), DdimGrid.build(tiny.schedule, T), x_T, conds, uncond=tiny.null_embedding())
     reference_guided_sample(
-        recorder(guided_seen), tiny.schedule, x_T, conds, trajectory, mask, uncond=tiny.null_embedding(),
-        num_steps=T, t_start=T_S, t_end=T_E, phi_steps=1,
+        recorder(guided_seen), DdimGrid.build(tiny.schedule, T), x_T, conds, trajectory, mask,
+        uncond=tiny.null_embedding(), t_start=T_S, t_end=T_E, phi_steps=1,
     )
     for t in ddim_timesteps(tiny.schedule, T)[: T - T_S]:
         assert torch.equal(plain_seen[t], guided_seen[t]), "before t_s the guided run follows I_g1 exactly"
@@ -187,7 +187,7 @@ def test_guiding_i_g1_by_its_own_path_is_a_fixed_point(tiny, guided_inputs):
     x_T, conds, _, mask = guided_inputs
     path = [x_T]
     with torch.no_grad():
-        x_0 = ddim_sample(tiny.denoise, tiny.schedule, x_T, conds, uncond=tiny.null_embedding(), num_steps=T,
+        x_0 = ddim_sample(tiny.denoise, DdimGrid.build(tiny.schedule, T), x_T, conds, uncond=tiny.null_embedding(),
                           callback=lambda i, t, x: path.append(x))
     sample = _sample(tiny, (x_T, conds, path[::-1], mask), phi_steps=0)
     assert [len(s.losses) for s in sample.losses] == [1] * (T_S - T_E + 1)
@@ -219,8 +219,8 @@ def test_only_the_unconditional_branch_is_differentiated_and_naive_gives_the_sam
     for naive in (False, True):
         calls: list[int] = []
         results[naive] = reference_guided_sample(
-            counting(calls), tiny.schedule, x_T, conds, trajectory, mask, uncond=tiny.null_embedding(),
-            num_steps=T, t_start=T_S, t_end=T_E, phi_steps=J, naive=naive,
+            counting(calls), DdimGrid.build(tiny.schedule, T), x_T, conds, trajectory, mask,
+            uncond=tiny.null_embedding(), t_start=T_S, t_end=T_E, phi_steps=J, naive=naive,
         )
         assert calls == [2 if naive else 1] * (J * (T_S - T_E + 1))
     fast, slow = results[False], results[True]

@@ -16,7 +16,7 @@ from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.cli import main
 from hifi.errors import HifiError
 from hifi.io.runs import RunMeta, save_run
-from hifi.kernels.ddim import ddim_timesteps
+from hifi.kernels.ddim import DdimGrid, ddim_timesteps
 
 CAPTION = "a photo of a cat on the beach"
 FAST = NullTextConfig(num_steps=4, inner_steps=2)
@@ -110,7 +110,8 @@ def test_injected_maps_equal_the_stored_ones_for_every_non_subject_token(tiny):
     stored = AttentionStore()
     with torch.no_grad(), controlled_attention(tiny, stored):
         null_text_sample(
-            tiny.denoise, tiny.schedule, inversion.x_T, inversion.cond, inversion.phis, guidance=inversion.guidance,
+            tiny.denoise, DdimGrid.build(tiny.schedule, inversion.num_steps), inversion.x_T, inversion.cond,
+            inversion.phis, guidance=inversion.guidance,
             callback=lambda i, t, x: setattr(stored, "step", i + 1),
         )
     # The maps the edit actually used, after the injection.
@@ -249,11 +250,11 @@ def test_hifi_edit_end_to_end(photo, tmp_path, capsys):
 
 
 def test_content_tokens_come_from_the_protocol_and_match_the_tokenizer(tiny):
-    from hifi.algorithms.replace import _content_tokens
+    from hifi.algorithms.subject import content_tokens
 
     for prompt in (CAPTION, "a photo of a dog", "", "a cat " * 60):
         expected = tiny.tokenizer(prompt, add_special_tokens=False).input_ids
-        found = _content_tokens(tiny, prompt)
+        found = content_tokens(tiny, prompt)
         # a prompt too long for the encoder is cut where the encoder cuts it (start and end kept)
         assert found == expected[: tiny.max_length - 2], prompt[:20]
-    assert len(_content_tokens(tiny, "a cat " * 60)) == tiny.max_length - 2
+    assert len(content_tokens(tiny, "a cat " * 60)) == tiny.max_length - 2

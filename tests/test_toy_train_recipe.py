@@ -16,7 +16,11 @@ import torch
 
 from hifi.toyworld.world import sample_object
 from hifi_backends.toy.models import build_tokenizer, unet_config, vae_config
-from hifi_backends.toy.train import Plan, TrainSettings, WordTokens, _loop, main, settings_over, train_caption
+from hifi_backends.toy.train import main
+from hifi_backends.toy.training.data import train_caption
+from hifi_backends.toy.training.denoiser import WordTokens
+from hifi_backends.toy.training.loop import Plan, _loop
+from hifi_backends.toy.training.settings import TrainSettings, settings_over
 
 
 def test_word_tokens_give_the_tokenizers_ids():
@@ -103,13 +107,13 @@ def test_settings_from_a_command_line_are_type_checked():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_a_run_records_the_gpu_it_trained_on(monkeypatch):
     """training.json's "machine" names the GPU where the stages ran on one (a log alone held it before)."""
-    from hifi_backends.toy import train
+    from hifi_backends.toy.training import pipeline
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert train._machine("cuda").endswith(", NVIDIA H100 80GB HBM3")
-    assert train._machine("cuda:0").endswith(", NVIDIA H100 80GB HBM3")
-    assert "NVIDIA" not in train._machine("cpu")
+    assert pipeline._machine("cuda").endswith(", NVIDIA H100 80GB HBM3")
+    assert pipeline._machine("cuda:0").endswith(", NVIDIA H100 80GB HBM3")
+    assert "NVIDIA" not in pipeline._machine("cpu")
 
 
 def test_training_on_cuda_without_cuda_is_refused_at_once(tmp_path, capsys):

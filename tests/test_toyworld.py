@@ -105,7 +105,8 @@ def test_training_script_quick_mode_writes_a_loadable_bundle(tmp_path):
     from hifi.algorithms.subject import Subject
     from hifi.registry import load_backend
     from hifi_backends.toy.perception import build_toy_identity, build_toy_segmenter, build_toyclip
-    from hifi_backends.toy.train import TrainSettings, train_all
+    from hifi_backends.toy.training.pipeline import train_all
+    from hifi_backends.toy.training.settings import TrainSettings
 
     out = tmp_path / "bundle"
     report = train_all(out, tmp_path / "work", TrainSettings.quick(), parallel=False)
@@ -129,7 +130,8 @@ def test_the_unet_can_attend_to_the_metric_tower_trained_with_a_colour_term(tmp_
     import attrs
     from safetensors.torch import load_file
 
-    from hifi_backends.toy.train import TrainSettings, train_all
+    from hifi_backends.toy.training.pipeline import train_all
+    from hifi_backends.toy.training.settings import TrainSettings
 
     settings = attrs.evolve(TrainSettings.quick(), unet_text="metric", clip_metric_colour_swap=1.0)
     train_all(tmp_path / "bundle", tmp_path / "work", settings, parallel=False)
@@ -145,7 +147,8 @@ def test_the_unet_gets_its_own_tower_and_the_weighted_loss(tmp_path):
     import attrs
     from safetensors.torch import load_file
 
-    from hifi_backends.toy.train import TrainSettings, train_all
+    from hifi_backends.toy.training.pipeline import train_all
+    from hifi_backends.toy.training.settings import TrainSettings
 
     settings = attrs.evolve(TrainSettings.quick(), unet_text="unet", unet_snr_gamma=5.0,
                             unet_object_weight=3.0)

@@ -14,8 +14,16 @@ from typing import Any
 
 from hifi.errors import HifiError
 from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.perception import PerceptionPreferences
 
-__all__ = ["available_backends", "backend_perception_defaults", "check_device", "load_backend", "register_backend"]
+__all__ = [
+    "available_backends",
+    "backend_perception_defaults",
+    "check_device",
+    "default_device",
+    "load_backend",
+    "register_backend",
+]
 
 BackendFactory = Callable[..., DenoiserBackend]
 
@@ -38,6 +46,13 @@ def available_backends() -> dict[str, str]:
     for name, factory in _REGISTERED.items():
         found[name] = f"{factory.__module__}:{getattr(factory, '__qualname__', factory)}"
     return dict(sorted(found.items()))
+
+
+def default_device() -> str:
+    """``cuda`` when this machine has a usable CUDA device, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: Any) -> None:
@@ -88,8 +103,8 @@ def _factory(name: str) -> BackendFactory | None:
 def backend_perception_defaults(name: str) -> dict[str, str]:
     """The perception models a backend asks for (``segmenter``, ``embedder``, ``clip``), without building it.
 
-    A factory announces them as its ``perception_defaults`` attribute (the ``toy`` backend
-    names ToyWorld's own models); most backends announce none and get the paper's.
+    A factory announces them by declaring :class:`~hifi.protocols.perception.PerceptionPreferences`
+    (the ``toy`` backend names ToyWorld's own models); most backends announce none and get the paper's.
     """
     factory = _factory(name)
-    return dict(getattr(factory, "perception_defaults", {}) or {})
+    return dict(factory.perception_defaults) if isinstance(factory, PerceptionPreferences) else {}

@@ -7,6 +7,7 @@ Every backend in this package is this class, fed differently: random tiny compon
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from hifi.errors import HifiError
 from hifi.kernels.ddim import Schedule
+
+WORD = re.compile(r"[^\W\d_]+")
+"""A word as CLIP's pre-tokenizer splits one off: a run of letters."""
+
+OPEN_VOCABULARY = 10_000
+"""A tokenizer of at least this many entries (CLIP's has 49,408) spells any word from
+sub-words it learned, so only its unknown token marks a word it does not know. A smaller
+one is a word list (the ``tiny`` and ``toy`` backends', :mod:`hifi_backends.tokenizer`): its
+words are single tokens, and any other word falls apart into pieces the model never saw."""
 
 
 class DiffusersBackend:
@@ -45,7 +55,10 @@ class DiffusersBackend:
         self.model_id = model_id
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config)
-        self.schedule = Schedule.from_config(self.scheduler_config)
+        try:
+            self.schedule = Schedule.from_config(self.scheduler_config)
+        except ValueError as err:  # a model whose scheduler the DDIM kernels cannot follow
+            raise HifiError(f"model {model_id!r}: its scheduler config is not usable here: {err}") from err
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(unet.config.in_channels)
         self.resolution = resolution or int(unet.config.sample_size) * self.vae_scale_factor
@@ -90,6 +103,32 @@ class DiffusersBackend:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self._device)
+
+    def unknown_words(self, prompts: Sequence[str]) -> tuple[str, ...]:
+        """The words of ``prompts`` the tokenizer does not know (:class:`hifi.protocols.denoiser.VocabularyBackend`).
+
+        Unknown: a word that maps to the unknown token or, in a word-list vocabulary (under
+        :data:`OPEN_VOCABULARY` entries), one that is not a single token. Added tokens (a
+        Textual Inversion placeholder) are known.
+        """
+        added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+        words: dict[str, None] = {}
+        for prompt in prompts:
+            for token in added:
+                prompt = prompt.replace(token, " ")
+            words.update(dict.fromkeys(w.lower() for w in WORD.findall(prompt)))
+        word_list = len(self.tokenizer) < OPEN_VOCABULARY
+        unknown = []
+        for word in words:
+            ids = self.tokenizer(word, add_special_tokens=False).input_ids
+            if self.tokenizer.unk_token_id in ids or (word_list and len(ids) != 1):
+                unknown.append(word)
+        return tuple(unknown)
+
+    def prompt_lengths(self, prompts: Sequence[str]) -> tuple[int, ...]:
+        """Each prompt's token count without the start and end tokens, untruncated."""
+        ids = self.tokenizer(list(prompts), add_special_tokens=False, verbose=False).input_ids
+        return tuple(len(row) for row in ids)
 
     def add_placeholder_token(self, word: str) -> int:
         """Add ``word`` as a new token (classic Textual Inversion) and return its id."""

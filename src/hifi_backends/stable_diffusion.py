@@ -17,6 +17,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from hifi.errors import HifiError, ModelNotFoundError
+from hifi.perception.models import looks_like_path
+from hifi.registry import default_device
 from hifi_backends.configs import ARCHITECTURES, load_config
 from hifi_backends.diffusers_backend import DiffusersBackend
 from hifi_backends.tokenizer import build_clip_tokenizer
@@ -24,10 +26,6 @@ from hifi_backends.tokenizer import build_clip_tokenizer
 MODEL_ENV = "HIFI_SD_MODEL"
 ATTENTION = ("sdpa", "xformers", "math")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_random_architecture(
@@ -76,13 +74,13 @@ def _resolve_model(model: str | None) -> str:
             "no Stable Diffusion weights given: pass --model PATH (a local diffusers folder,"
             f" e.g. a copy of CompVis/stable-diffusion-v1-4) or set {MODEL_ENV}"
         )
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and Path(model).exists()
-    if looks_like_path and not Path(model).expanduser().is_dir():
+    local = looks_like_path(model)
+    if local and not Path(model).expanduser().is_dir():
         raise ModelNotFoundError(
             f"Stable Diffusion folder {model!r} does not exist: pass --model with a diffusers"
             " folder holding unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
-    return str(Path(model).expanduser()) if looks_like_path else model
+    return str(Path(model).expanduser()) if local else model
 
 
 def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:

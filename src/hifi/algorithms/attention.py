@@ -43,16 +43,8 @@ class ControlledAttnProcessor:
         self.layer = layer
         self.controller = controller
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Tensor:
+    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -115,16 +107,8 @@ class _ObservingProcessor:
         self.inner = inner
         self.controller = controller
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Tensor:
+    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         if encoder_hidden_states is not None:
             with torch.no_grad():
                 probs = self._probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

@@ -14,9 +14,8 @@ from torch import Tensor
 
 from hifi.algorithms.sampling import StepCallback, ddim_sample
 from hifi.algorithms.subject import Subject
-from hifi.execution.fastpath import accelerate_model
-from hifi.kernels.ddim import ddim_timesteps
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.kernels.ddim import DdimGrid
+from hifi.protocols.denoiser import DenoiserBackend, Model
 
 __all__ = ["Generation", "generate", "initial_noise", "step_conditions"]
 
@@ -31,10 +30,10 @@ def initial_noise(backend: DenoiserBackend, seeds: Sequence[int]) -> Tensor:
     return torch.cat(noise).to(device=backend.device, dtype=backend.dtype)
 
 
-def step_conditions(backend: DenoiserBackend, subject: Subject, prompt: str, num_steps: int) -> list[Tensor]:
+def step_conditions(backend: DenoiserBackend, subject: Subject, prompt: str, grid: DdimGrid) -> list[Tensor]:
     """The text condition of every DDIM step, ``[c, c_s^t]`` for t = T..1 (Eq. 7)."""
     c = subject.encode(backend, [prompt])
-    return subject.conditions(c, ddim_timesteps(backend.schedule, num_steps))
+    return subject.conditions(c, grid.timesteps)
 
 
 @attrs.frozen(eq=False)
@@ -56,20 +55,20 @@ def generate(
     guidance: float = 7.5,
     num_steps: int = 50,
     callback: StepCallback | None = None,
-    accel: str = "eager",
+    model: Model | None = None,
 ) -> Generation:
-    """Draw one image per seed with the step-wise subject conditions (Eq. 7), no gradients.
+    """Eq. 7: draw one image per seed, ``x_{t-1} = F^(t)(x_t, [c, c_s^t], phi)``, no gradients.
 
-    ``accel`` runs each CFG forward eagerly, compiled, or replayed from a CUDA graph
-    (:func:`hifi.execution.fastpath.accelerate_model`); the images are the eager ones within tolerance.
+    ``model`` is the denoiser callable, ready from the edge (default ``backend.denoise``; a
+    compiled or graph-replaying one from :class:`hifi.execution.edge.Execution` gives the
+    same images within tolerance).
     """
-    model = accelerate_model(backend.denoise, backend.device, accel)
+    model = model or backend.denoise
+    grid = DdimGrid.build(backend.schedule, num_steps)
     with torch.no_grad():
         x_T = initial_noise(backend, seeds)
-        conds = step_conditions(backend, subject, prompt, num_steps)
-        x0 = ddim_sample(
-            model, backend.schedule, x_T, conds,
-            uncond=backend.null_embedding(), guidance=guidance, num_steps=num_steps, callback=callback,
-        )
+        conds = step_conditions(backend, subject, prompt, grid)
+        x0 = ddim_sample(model, grid, x_T, conds, uncond=backend.null_embedding(), guidance=guidance,
+                         callback=callback)
         images = backend.decode_latents(x0)
     return Generation(images=images, latents=x0, seeds=tuple(int(s) for s in seeds), prompt=prompt)

@@ -18,7 +18,8 @@ inverted trajectory, where plain guided DDIM from x*_T drifts away from it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -26,12 +27,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, ddim_sample, null_guided_step
+from hifi.algorithms.sampling import StepCallback, ddim_invert, ddim_sample, guided_ddim_step
 from hifi.errors import HifiError
-from hifi.execution.fastpath import AdamStep, accelerate_model, timestep_tensor
-from hifi.kernels.ddim import Schedule, ddim_timesteps
+from hifi.execution.edge import Bound, StepFactory, adam_steps
+from hifi.kernels.ddim import DdimGrid, DdimStep
+from hifi.protocols.denoiser import Model
 
-__all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_sample"]
+__all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_loss", "null_text_sample"]
 
 
 @attrs.frozen
@@ -56,6 +58,9 @@ class NullTextConfig:
     naive: bool = False
 
     def __attrs_post_init__(self) -> None:
+        for flag, value in (("--guidance", self.guidance), ("--lr", self.lr), ("--tolerance", self.tolerance)):
+            if not math.isfinite(value):
+                raise HifiError(f"{flag} must be a finite number, got {value}")
         if self.num_steps < 1 or self.inner_steps < 0 or self.lr <= 0 or self.tolerance < 0:
             raise HifiError(
                 f"null-text inversion needs num_steps >= 1, inner_steps >= 0, lr > 0 and tolerance >= 0"
@@ -94,66 +99,69 @@ class NullTextInversion:
         return self.trajectory[-1]
 
 
+def null_text_loss(
+    model: Model, grid: DdimGrid, guidance: float, phi: Tensor, x: Tensor, t: Tensor, alpha_t: Tensor,
+    alpha_prev: Tensor, cond: Tensor, target: Tensor, *out_cond: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Eq. 4: ``L_h^(t)(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2`` (a mean), and that x_{t-1}.
+
+    A function of tensors only, after its three fixed arguments, so that an optimiser-step
+    runner (:mod:`hifi.execution`) can capture it once and replay it at every step and for
+    every image. ``out_cond`` (optional) is eps(x_t, c), computed once per step without
+    gradients (:func:`~hifi.algorithms.sampling.guided_ddim_step`).
+    """
+    step = DdimStep(t, alpha_t, alpha_prev)
+    x_prev = guided_ddim_step(model, grid, x, step, cond, phi, guidance, *out_cond)
+    return F.mse_loss(x_prev.float(), target), x_prev
+
+
 def null_text_inversion(
     model: Model,
-    schedule: Schedule,
+    grid: DdimGrid,
     x_0: Tensor,
     cond: Tensor,
     uncond: Tensor,
     config: NullTextConfig | None = None,
     *,
+    optimiser: StepFactory = adam_steps,
     progress: bool = False,
-    accel: str = "eager",
 ) -> NullTextInversion:
     """Invert ``x_0`` ``[1, C, h, w]`` under caption ``cond`` and learn one phi_t per step (Eq. 4).
 
-    ``uncond`` is phi ``[1, L, D]``, the start of phi_T. Each step takes at most K
-    (``config.inner_steps``) Adam updates and stops early once the loss is below
-    ``config.tolerance``. phi is optimised in float32 whatever the model's dtype.
-    ``accel`` (:mod:`hifi.execution.fastpath`) runs the inversion's forwards and the phi_t steps
-    eagerly, compiled, or as CUDA graphs; the numbers are the eager ones within tolerance.
+    ``grid`` is the DDIM grid of ``config.num_steps`` steps; ``uncond`` is phi ``[1, L, D]``,
+    the start of phi_T. Each step takes at most K (``config.inner_steps``) Adam updates
+    through ``optimiser`` and stops early once the loss is below ``config.tolerance``. phi
+    is optimised in float32 whatever the model's dtype. ``model`` and ``optimiser`` arrive
+    ready from the edge (eager, compiled or CUDA graphs: :mod:`hifi.execution.edge`).
     """
     config = config or NullTextConfig()
-    num_steps, guidance = config.num_steps, config.guidance
-    timesteps = ddim_timesteps(schedule, num_steps)
-    stride = schedule.stride(num_steps)
+    if grid.num_steps != config.num_steps:
+        raise HifiError(f"the DDIM grid has {grid.num_steps} steps but the config asks for {config.num_steps}")
+    guidance = config.guidance
     device = x_0.device
-    fast = accelerate_model(model, device, accel)
     with torch.no_grad():
-        trajectory = ddim_invert(fast, schedule, x_0, cond, num_steps=num_steps)
-
-    def loss_of(net: Model) -> Callable[..., tuple[Tensor, Tensor]]:
-        def f_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, target: Tensor,
-                *out_cond: Tensor) -> tuple[Tensor, Tensor]:
-            """Eq. 4 and x_{t-1} as a function of tensors only (the step AdamStep runs)."""
-            x_prev = null_guided_step(net, schedule, x, t, a_t, a_prev, cond, phi, guidance, *out_cond)
-            return F.mse_loss(x_prev.float(), target), x_prev
-
-        return f_h
-
-    f_h, f_h_forward = loss_of(model), loss_of(fast)  # the step; the no-gradient evaluation
+        trajectory = ddim_invert(model, grid, x_0, cond)
+    loss_fn = Bound(null_text_loss, model, grid, guidance)
 
     phi = uncond.detach().float()
-    param = phi.clone().requires_grad_(True)
-    runner = AdamStep(f_h, param, config.lr, accel)
+    runner = optimiser(loss_fn, phi, config.lr)
     phis: list[Tensor] = []
     losses: list[float] = []
     iterations: list[int] = []
     x = trajectory[-1]
-    for i, t in enumerate(tqdm(timesteps, desc="null-text inversion", disable=not progress, leave=False)):
-        alphas = torch.tensor([schedule.alpha(t), schedule.alpha(t - stride)], dtype=torch.float32, device=device)
-        target = trajectory[num_steps - 1 - i].float()
-        t_dev = timestep_tensor(t, device)
+    for i, step in enumerate(tqdm(grid.steps, desc="null-text inversion", disable=not progress, leave=False)):
+        on = step.on(device)
+        target = trajectory[grid.num_steps - 1 - i].float()
         with torch.no_grad():
-            out_cond = () if config.naive else (fast(x, t, cond),)
-        inputs = (x, t_dev, alphas[0], alphas[1], target, *out_cond)
+            out_cond = () if config.naive else (model(x, on.t, cond),)
+        inputs = (x, on.t, on.alpha_t, on.alpha_prev, cond, target, *out_cond)
         runner.restart(phi)  # a fresh Adam for each step, from phi_{t+1}*
         # K updates need K + 1 evaluations: each update returns the loss and x_{t-1} at the
         # value it started from; a step that stops early puts that value back.
         for k in range(config.inner_steps + 1):
             if k == config.inner_steps:
                 with torch.no_grad():
-                    loss, x_prev = f_h_forward(runner.param, *inputs)
+                    loss, x_prev = loss_fn(runner.param, *inputs)
                 break
             before = runner.param.detach().clone() if config.tolerance > 0 else None
             loss, x_prev = runner(*inputs)
@@ -174,7 +182,7 @@ def null_text_inversion(
 
 def null_text_sample(
     model: Model,
-    schedule: Schedule,
+    grid: DdimGrid,
     x_T: Tensor,
     cond: Tensor | Sequence[Tensor],
     phis: Sequence[Tensor],
@@ -185,9 +193,7 @@ def null_text_sample(
     """Guided DDIM with one null embedding per step: x_{t-1} = F^(t)(x_t, c^t, phi_t*) (Eq. 1).
 
     ``cond`` is one embedding for every step or one per step (``[c^g, c_s^t]``, Eq. 7);
-    ``phis`` come from :func:`null_text_inversion`, and the number of steps is theirs.
+    ``phis`` come from :func:`null_text_inversion` along the same ``grid``.
     The batch may hold several samples (the reconstruction and the edit of Algorithm 3).
     """
-    return ddim_sample(
-        model, schedule, x_T, cond, uncond=list(phis), guidance=guidance, num_steps=len(phis), callback=callback
-    )
+    return ddim_sample(model, grid, x_T, cond, uncond=list(phis), guidance=guidance, callback=callback)

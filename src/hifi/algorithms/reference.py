@@ -11,19 +11,18 @@ Per generated image (:func:`reference_guided_generate` runs them all):
    I_r and M_r warped by it, M_r* = T_theta(M_r).
 5. :func:`invert_reference`: the caption c_r, x*_0 = E(T_theta(I_r)) and the DDIM
    inversion (Eq. 3) to the trajectory ``[x*_0, ..., x*_T]``.
-6. :func:`reference_guided_sample`: Algorithm 2 from the same x_T, with Eq. 10.
+6. :func:`~hifi.algorithms.guidance.reference_guided_sample`: Algorithm 2 from the same
+   x_T, with Eq. 10 (:mod:`hifi.algorithms.guidance`, which also says how steps are counted).
 
-Step indices. Algorithm 2 counts its denoising loop ``t = T, ..., 1``, and t_s, t_e are
-such indices: step ``t`` is the ``(T - t + 1)``-th denoising step, taken at the DDIM grid's
-timestep ``ddim_timesteps(schedule, T)[T - t]``; it maps x_t to x_{t-1}, and x*_t is
-``trajectory[t]``. With T = 50, t_s = 40 and t_e = 10 (the paper's values) the guidance
-runs from the 11th denoising step to the 41st, 31 steps.
+The model callable and the optimiser-step factory arrive ready from the edge
+(:mod:`hifi.execution.edge`); the defaults are ``backend.denoise`` and eager Adam.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -32,35 +31,33 @@ from tqdm.auto import tqdm
 
 from hifi.algorithms.attention import AttentionStore, observed_attention
 from hifi.algorithms.generate import generate, initial_noise, step_conditions
-from hifi.algorithms.sampling import Model, StepCallback, ddim_invert, guided_output, null_guided_step, per_step
-from hifi.algorithms.subject import Subject
+from hifi.algorithms.guidance import StepLosses, check_guidance_window, reference_guided_sample
+from hifi.algorithms.sampling import ddim_invert
+from hifi.algorithms.subject import Subject, content_tokens
 from hifi.errors import HifiError
-from hifi.execution.fastpath import AdamStep, accelerate_model, timestep_tensor
-from hifi.kernels.ddim import Schedule, cfg_combine, ddim_step, ddim_timesteps
-from hifi.kernels.latents import binarize_mask, substitute_masked
-from hifi.kernels.losses import masked_mse, resize_mask
+from hifi.execution.edge import StepFactory, adam_steps
+from hifi.kernels.ddim import DdimGrid
+from hifi.kernels.latents import binarize_mask
+from hifi.kernels.losses import resize_mask
+from hifi.kernels.similarity import cosine_similarity_matrix
 from hifi.kernels.transform import SimilarityFit, fit_similarity_transform, warp_image, warp_mask
 from hifi.perception import ImageEmbedder, Perception, subject_attention
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, Model
 
 __all__ = [
     "Alignment",
     "FirstPass",
-    "GuidedSample",
     "ReferenceChoice",
     "ReferenceGuided",
     "ReferenceSettings",
     "References",
-    "StepLosses",
     "align_reference",
-    "check_guidance_window",
     "choose_reference",
     "first_pass",
     "invert_reference",
     "latent_mask",
     "prepare_references",
     "reference_guided_generate",
-    "reference_guided_sample",
     "subject_token_positions",
 ]
 
@@ -84,31 +81,14 @@ def _progress(enabled: bool, total: int, desc: str) -> Iterator[tqdm]:
 # Settings ------------------------------------------------------------------------------
 
 
-def check_guidance_window(num_steps: int, t_start: int, t_end: int, phi_steps: int, phi_lr: float = 1e-2) -> None:
-    """Refuse a guidance window Algorithm 2 cannot run: ``1 <= t_e <= t_s <= T``, ``J >= 0``, ``lr > 0``."""
-    if num_steps < 1:
-        raise HifiError(f"the number of DDIM steps T must be at least 1, got {num_steps}")
-    for name, value in (("t_s (--t-start)", t_start), ("t_e (--t-end)", t_end)):
-        if not 1 <= value <= num_steps:
-            raise HifiError(f"{name} must be a denoising step index in 1..T = 1..{num_steps}, got {value}")
-    if t_start < t_end:
-        raise HifiError(
-            f"t_s = {t_start} is below t_e = {t_end}: guidance runs from step t_s down to step t_e,"
-            " so t_s must be at least t_e"
-        )
-    if phi_steps < 0:
-        raise HifiError(f"the phi_h steps per denoising step J (--phi-steps) must be >= 0, got {phi_steps}")
-    if phi_steps > 0 and not phi_lr > 0:
-        raise HifiError(f"the phi_h learning rate (--phi-lr) must be positive, got {phi_lr}")
-
-
 @attrs.frozen
 class ReferenceSettings:
     """The knobs of reference-guided generation; defaults are the paper's (Section 4).
 
     ``naive=True`` recomputes both guidance branches with gradients in every phi_h step
-    (for benchmarks; same result), see :func:`reference_guided_sample`. ``accel`` runs the
-    forwards and the phi_h steps eagerly, compiled, or as CUDA graphs (:mod:`hifi.execution.fastpath`).
+    (for benchmarks; same result), see :func:`~hifi.algorithms.guidance.reference_guided_sample`.
+    How the forwards and phi_h steps run is not a setting: it comes with the model and
+    optimiser (:mod:`hifi.execution.edge`).
     """
 
     guidance: float = 7.5
@@ -118,9 +98,11 @@ class ReferenceSettings:
     phi_steps: int = 10
     phi_lr: float = 1e-2
     naive: bool = False
-    accel: str = "eager"
 
     def check(self) -> None:
+        """Refuse settings Algorithm 2 cannot run (a clear :class:`HifiError`)."""
+        if not math.isfinite(self.guidance):
+            raise HifiError(f"--guidance must be a finite number, got {self.guidance}")
         check_guidance_window(self.num_steps, self.t_start, self.t_end, self.phi_steps, self.phi_lr)
 
 
@@ -136,10 +118,8 @@ def subject_token_positions(backend: DenoiserBackend, subject: Subject, prompt: 
     """
     if subject.mode == "hifi":
         return tuple(range(backend.max_length - subject.num_tokens, backend.max_length))
-    ids = backend.token_ids([subject.render_prompt(prompt), subject.subject_words(), ""]).tolist()
-    eos = ids[2][1]  # "" is [BOS, EOS, padding...]
-    words = ids[1][1 : ids[1].index(eos)]
-    sequence = ids[0]
+    sequence = backend.token_ids([subject.render_prompt(prompt)])[0].tolist()
+    words = content_tokens(backend, subject.subject_words())
     for start in range(1, len(sequence) - len(words) + 1):
         if sequence[start : start + len(words)] == words:
             return tuple(range(start, start + len(words)))
@@ -169,14 +149,14 @@ def first_pass(
     num_steps: int = 50,
     record_attention: bool = True,
     progress: bool = False,
-    accel: str = "eager",
+    model: Model | None = None,
 ) -> FirstPass:
     """Step 1 of Section 3.3: x_T from ``seed`` and I_g1 by Eq. 7 (exactly ``generate(..., [seed])``).
 
     With ``record_attention`` the subject tokens' cross-attention of the late steps is
-    recorded through :func:`~hifi.algorithms.attention.observed_attention`, which changes no number;
-    a pass that records runs eagerly (the recording is Python code in every forward), one
-    that does not runs in mode ``accel``.
+    recorded through :func:`~hifi.algorithms.attention.observed_attention`, which changes no
+    number; a pass that records runs ``backend.denoise`` itself (the recording is Python code
+    in every forward, which a captured graph would skip), one that does not runs ``model``.
     """
     store = AttentionStore(max_queries=ATTENTION_MAX_QUERIES)
     first_recorded = int(num_steps * ATTENTION_FROM)
@@ -193,7 +173,7 @@ def first_pass(
         recording = observed_attention(backend, late_steps) if record_attention else contextlib.nullcontext()
         with recording:
             drawn = generate(backend, subject, prompt, [seed], guidance=guidance, num_steps=num_steps,
-                             callback=callback, accel="eager" if record_attention else accel)
+                             callback=callback, model=None if record_attention else model)
     positions: tuple[int, ...] = ()
     attention = None
     if record_attention:
@@ -255,7 +235,7 @@ class ReferenceChoice:
 
 def choose_reference(query: Tensor, embeddings: Tensor) -> ReferenceChoice:
     """Step 3: the source whose embedding ``[N, D]`` has the highest cosine to ``query`` ``[D]`` or ``[1, D]``."""
-    scores = torch.nn.functional.cosine_similarity(query.reshape(1, -1).float(), embeddings.float(), dim=-1)
+    scores = cosine_similarity_matrix(query.reshape(1, -1), embeddings)[0]
     return ReferenceChoice(index=int(scores.argmax()), scores=tuple(float(s) for s in scores))
 
 
@@ -291,149 +271,23 @@ def align_reference(image: Tensor, mask: Tensor, generated_mask: Tensor) -> Alig
 
 def invert_reference(
     backend: DenoiserBackend, image: Tensor, caption: str, *, num_steps: int = 50, progress: bool = False,
-    accel: str = "eager",
+    model: Model | None = None,
 ) -> list[Tensor]:
     """Step 5: encode T(I_r) ``[3, H, W]`` to x*_0 and DDIM-invert it with c_r = E_text(caption) (Eq. 3).
 
     Returns ``[x*_0, ..., x*_T]``, each ``[1, C, h, w]``: the pivotal inversion of null-text
-    inversion (guidance 1, the caption alone).
+    inversion (guidance 1, the caption alone). ``model`` defaults to ``backend.denoise``.
     """
-    fast = accelerate_model(backend.denoise, backend.device, accel)
+    run = model or backend.denoise
     with torch.no_grad(), _progress(progress, num_steps, "inversion") as bar:
 
-        def model(x: Tensor, t: int, cond: Tensor) -> Tensor:
+        def counted(x: Tensor, t: int, cond: Tensor) -> Tensor:
             bar.update()
-            return fast(x, t, cond)
+            return run(x, t, cond)
 
         x0 = backend.encode_images(image[None])
         c_r = backend.encode_text([caption])
-        return ddim_invert(model, backend.schedule, x0, c_r, num_steps=num_steps)
-
-
-# Step 6: Algorithm 2 -------------------------------------------------------------------
-
-
-def _ddim(schedule: Schedule, out: Tensor, x: Tensor, t: int, stride: int) -> Tensor:
-    """F^(t) of Eq. 1 given the guided model output at x_t."""
-    return ddim_step(out, x, schedule.alpha(t), schedule.alpha(t - stride), schedule.prediction_type,
-                     schedule.clip_sample_range)
-
-
-@attrs.frozen
-class StepLosses:
-    """Eq. 10 at one guided step: the loss before each of the J phi_h updates, then after the last."""
-
-    step: int
-    timestep: int
-    losses: tuple[float, ...]
-
-
-@attrs.frozen(eq=False)
-class GuidedSample:
-    """Algorithm 2's x_0 and the phi_h losses of every guided step (t_s down to t_e)."""
-
-    latents: Tensor
-    losses: tuple[StepLosses, ...]
-
-
-def reference_guided_sample(
-    model: Model,
-    schedule: Schedule,
-    x_T: Tensor,
-    cond: Tensor | Sequence[Tensor],
-    trajectory: Sequence[Tensor],
-    mask: Tensor,
-    *,
-    uncond: Tensor,
-    guidance: float = 7.5,
-    num_steps: int = 50,
-    t_start: int = 40,
-    t_end: int = 10,
-    phi_steps: int = 10,
-    phi_lr: float = 1e-2,
-    naive: bool = False,
-    callback: StepCallback | None = None,
-    accel: str = "eager",
-) -> GuidedSample:
-    """Algorithm 2: denoise x_T with Eq. 7, guided inside M_r* by the reference trajectory.
-
-    For t = T, ..., 1 (step indices, see the module docstring): at t = t_s the latents under
-    ``mask`` are taken from x*_t; every step takes x_{t-1} = F^(t)(x_t, [c, c_s^t], phi); for
-    t_s >= t >= t_e, phi_h takes ``phi_steps`` (J) Adam steps on Eq. 10,
-
-        L_h(phi_h) = || x*_{t-1}[M] - F^(t)(x_t, [c, c_s^t], phi_h)[M] ||^2
-
-    (as a mean over the masked latents, :func:`~hifi.kernels.losses.masked_mse`), and then
-    x_{t-1}[M] = F^(t)(x_t, [c, c_s^t], phi_h)[M]. phi_h starts as phi (``uncond``) at t_s
-    and carries over, with its Adam state, from step to step. ``mask`` is boolean
-    ``[1 or B, 1, h, w]``; ``trajectory`` is ``[x*_0, ..., x*_T]``; ``cond`` one embedding or
-    one per step (``[c, c_s^t]``).
-
-    Cost: within a step the conditional branch eps(x_t, [c, c_s^t]) does not depend on
-    phi_h, so it is computed once, without gradients (it also serves the step with phi),
-    and each phi_h step differentiates the unconditional branch alone. ``naive=True``
-    instead recomputes both branches with gradients at every phi_h step, as a literal
-    reading does; the result is the same. phi_h is float32 whatever the model's dtype.
-    ``accel`` (:mod:`hifi.execution.fastpath`) runs the no-gradient forwards and the phi_h steps
-    eagerly, compiled, or as CUDA graphs; the losses are read back once, after the loop.
-    """
-    check_guidance_window(num_steps, t_start, t_end, phi_steps, phi_lr)
-    if len(trajectory) != num_steps + 1:
-        raise HifiError(
-            f"the reference trajectory has {len(trajectory)} latents; Algorithm 2 needs T + 1 = {num_steps + 1}"
-        )
-    if mask.dtype != torch.bool or not bool(mask.any()):
-        raise HifiError("the guidance mask M_r* must be a non-empty boolean latent mask")
-    timesteps = ddim_timesteps(schedule, num_steps)
-    stride = schedule.stride(num_steps)
-    conds = per_step(cond, num_steps)
-    device = x_T.device
-    fast = accelerate_model(model, device, accel)
-    weight = mask.float().expand(x_T.shape[0], 1, *mask.shape[-2:])
-
-    def loss_of(net: Model) -> Callable[..., tuple[Tensor, Tensor]]:
-        def l_h(phi: Tensor, x: Tensor, t: Tensor, a_t: Tensor, a_prev: Tensor, c: Tensor, target: Tensor,
-                *out_cond: Tensor) -> tuple[Tensor, Tensor]:
-            """Eq. 10 and F^(t)(x_t, [c, c_s^t], phi_h) in float32, as a function of tensors only."""
-            x_guided = null_guided_step(net, schedule, x, t, a_t, a_prev, c, phi, guidance, *out_cond).float()
-            return masked_mse(x_guided, target, weight), x_guided
-
-        return l_h
-
-    l_h, l_h_forward = loss_of(model), loss_of(fast)  # the step; the no-gradient evaluation
-
-    # phi_h starts as phi at t_s and carries over, with its Adam state, from step to step.
-    runner = AdamStep(l_h, uncond.detach().float().clone().requires_grad_(True), phi_lr, accel)
-    step_losses: list[tuple[int, int, Tensor]] = []  # read back once, after the loop
-    x = x_T.detach()
-    for i, t in enumerate(timesteps):
-        step = num_steps - i
-        guided_step = t_end <= step <= t_start
-        if step == t_start:
-            x = substitute_masked(x, trajectory[step].to(x.dtype), mask)
-        with torch.no_grad():
-            if guided_step:
-                out_cond = fast(x, t, conds[i])
-                out = cfg_combine(out_cond, fast(x, t, uncond), guidance)
-            else:
-                out = guided_output(fast, x, t, conds[i], uncond, guidance)
-            x_prev = _ddim(schedule, out, x, t, stride)
-        if guided_step:
-            alphas = torch.tensor([schedule.alpha(t), schedule.alpha(t - stride)], dtype=torch.float32,
-                                  device=device)
-            inputs = (x, timestep_tensor(t, device), alphas[0], alphas[1], conds[i],
-                      trajectory[step - 1].float(), *(() if naive else (out_cond,)))
-            losses = [runner(*inputs)[0] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
-            with torch.no_grad():
-                loss, x_guided = l_h_forward(runner.param, *inputs)
-            x_prev = torch.where(mask, x_guided.to(x_prev.dtype), x_prev)
-            step_losses.append((step, t, torch.stack([*losses, loss])))
-        x = x_prev
-        if callback is not None:
-            callback(i, t, x)
-    records = tuple(StepLosses(step=step, timestep=t, losses=tuple(values.tolist()))
-                    for step, t, values in step_losses)
-    return GuidedSample(latents=x, losses=records)
+        return ddim_invert(counted, DdimGrid.build(backend.schedule, num_steps), x0, c_r)
 
 
 # All six -------------------------------------------------------------------------------
@@ -472,18 +326,23 @@ def reference_guided_generate(
     *,
     settings: ReferenceSettings | None = None,
     progress: bool = False,
+    model: Model | None = None,
+    optimiser: StepFactory = adam_steps,
 ) -> ReferenceGuided:
     """Section 3.3 for one seed: steps 1-6 (module docstring); falls back to I_g1 without a subject.
 
     An I_g1 in which the segmenter finds no subject (or whose warped reference mask covers
     no latent cell) is returned as it is, with the reason in ``fallback`` and ``warnings``.
+    ``model`` (default ``backend.denoise``) and ``optimiser`` come ready from the edge: one
+    :class:`~hifi.execution.edge.Execution` serves every image of a run.
     """
+    model = model or backend.denoise
     settings = settings or ReferenceSettings()
     settings.check()
     segmenter = perception.segmenter
     first = first_pass(
         backend, subject, prompt, seed, guidance=settings.guidance, num_steps=settings.num_steps,
-        record_attention=segmenter.wants_attention, progress=progress, accel=settings.accel,
+        record_attention=segmenter.wants_attention, progress=progress, model=model,
     )
 
     def fall_back(reason: str, generated_mask: Tensor | None = None) -> ReferenceGuided:
@@ -512,15 +371,16 @@ def reference_guided_generate(
 
     caption = perception.captioner.caption(source_image[None], subject.class_name)[0]
     trajectory = invert_reference(backend, alignment.image, caption, num_steps=settings.num_steps, progress=progress,
-                                  accel=settings.accel)
+                                  model=model)
+    grid = DdimGrid.build(backend.schedule, settings.num_steps)
     with torch.no_grad():
-        conds = step_conditions(backend, subject, prompt, settings.num_steps)
+        conds = step_conditions(backend, subject, prompt, grid)
     with _progress(progress, settings.num_steps, f"guided seed {seed}") as bar:
         sample = reference_guided_sample(
-            backend.denoise, backend.schedule, first.x_T, conds, trajectory, mask_star,
-            uncond=backend.null_embedding(), guidance=settings.guidance, num_steps=settings.num_steps,
+            model, grid, first.x_T, conds, trajectory, mask_star,
+            uncond=backend.null_embedding(), guidance=settings.guidance,
             t_start=settings.t_start, t_end=settings.t_end, phi_steps=settings.phi_steps, phi_lr=settings.phi_lr,
-            naive=settings.naive, callback=lambda i, t, x: bar.update(), accel=settings.accel,
+            naive=settings.naive, callback=lambda i, t, x: bar.update(), optimiser=optimiser,
         )
     with torch.no_grad():
         image = backend.decode_latents(sample.latents)[0]

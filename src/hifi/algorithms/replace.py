@@ -28,11 +28,12 @@ from hifi.algorithms.attention import AttentionController, controlled_attention
 from hifi.algorithms.null_text import NullTextConfig, NullTextInversion, null_text_inversion, null_text_sample
 from hifi.algorithms.prompt_to_prompt import AttentionMean, AttentionReplace, chain
 from hifi.algorithms.sampling import StepCallback
-from hifi.algorithms.subject import SUBJECT_SLOT, Subject
+from hifi.algorithms.subject import SUBJECT_SLOT, Subject, content_tokens
 from hifi.errors import HifiError
-from hifi.kernels.ddim import ddim_timesteps
+from hifi.execution.edge import StepFactory, adam_steps
+from hifi.kernels.ddim import DdimGrid
 from hifi.kernels.token_align import align_tokens, swap_word
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, Model
 
 __all__ = ["Edit", "edit_image", "prompt_to_prompt", "replace_subject", "swap_caption_word"]
 
@@ -114,8 +115,8 @@ def prompt_to_prompt(
         tqdm(total=steps, desc="editing", disable=not progress, leave=False) as bar,
     ):
         x_0 = null_text_sample(
-            backend.denoise, backend.schedule, x_T, conds, inversion.phis, guidance=inversion.guidance,
-            callback=step_done,
+            backend.denoise, DdimGrid.build(backend.schedule, steps), x_T, conds, inversion.phis,
+            guidance=inversion.guidance, callback=step_done,
         )
     return x_0[:1], x_0[1:]
 
@@ -128,15 +129,6 @@ def swap_caption_word(caption: str, word: str, replacement: str) -> str:
         raise HifiError(f"the source word {word!r} is not in the caption {caption!r}") from err
 
 
-def _content_tokens(backend: DenoiserBackend, prompt: str) -> list[int]:
-    """The prompt's token ids between the start and end tokens, as :meth:`DenoiserBackend.token_ids`
-    lays them out (the empty prompt's second id is the end token; truncated as the encoder sees it)."""
-    ids = backend.token_ids([prompt, ""])
-    row, end_token = [int(i) for i in ids[0]], int(ids[1, 1])
-    stop = row.index(end_token, 1) if end_token in row[1:] else len(row)
-    return row[1:stop]
-
-
 def edit_image(
     backend: DenoiserBackend,
     image: Tensor,
@@ -147,7 +139,8 @@ def edit_image(
     config: NullTextConfig | None = None,
     attention_maps: bool = False,
     progress: bool = False,
-    accel: str = "eager",
+    model: Model | None = None,
+    optimiser: StepFactory = adam_steps,
 ) -> Edit:
     """Null-text-invert ``image`` under ``caption``, then redraw it under ``edited_caption``.
 
@@ -157,30 +150,31 @@ def edit_image(
     caption is in the subject's wording (``<subject>`` or the class word, see
     :meth:`Subject.render_prompt`) and, in ``hifi`` mode, ``[c^g, c_s^t]`` is used per
     step with the n c_s positions keeping their own maps too (Algorithm 3). With
-    ``attention_maps``, :attr:`Edit.attention` holds the mean maps of both rows. ``accel``
-    runs the null-text inversion in that fast-path mode (:mod:`hifi.execution.fastpath`); the
-    prompt-to-prompt pass edits attention in Python and runs eagerly.
+    ``attention_maps``, :attr:`Edit.attention` holds the mean maps of both rows. The
+    null-text inversion runs ``model`` (default ``backend.denoise``) and ``optimiser``, ready
+    from the edge (:mod:`hifi.execution.edge`); the prompt-to-prompt pass edits attention in
+    Python, so it runs ``backend.denoise`` itself.
     """
     config = config or NullTextConfig()
     images = image.unsqueeze(0) if image.dim() == 3 else image
-    timesteps = ddim_timesteps(backend.schedule, config.num_steps)
+    grid = DdimGrid.build(backend.schedule, config.num_steps)
     with torch.no_grad():
         x_0 = backend.encode_images(images)
         cond = backend.encode_text([caption])
         if subject is None:
             edit_cond: Tensor | list[Tensor] = backend.encode_text([edited_caption])
         else:
-            edit_cond = subject.conditions(subject.encode(backend, [edited_caption]), timesteps)
+            edit_cond = subject.conditions(subject.encode(backend, [edited_caption]), grid.timesteps)
             edited_caption = subject.render_prompt(edited_caption)  # the wording that was encoded
     alignment = align_tokens(
-        _content_tokens(backend, caption), _content_tokens(backend, edited_caption), backend.max_length
+        content_tokens(backend, caption), content_tokens(backend, edited_caption), backend.max_length
     )
     index, own = alignment.index, alignment.edited.clone()
     if subject is not None and subject.mode == "hifi":
         own[-subject.num_tokens :] = True
     inversion = null_text_inversion(
-        backend.denoise, backend.schedule, x_0, cond, backend.null_embedding(), config, progress=progress,
-        accel=accel,
+        model or backend.denoise, grid, x_0, cond, backend.null_embedding(), config, optimiser=optimiser,
+        progress=progress,
     )
     mean = AttentionMean(_attention_rows(config.guidance), backend.resolution // backend.vae_scale_factor)
     reconstruction, edited = prompt_to_prompt(
@@ -205,7 +199,8 @@ def replace_subject(
     config: NullTextConfig | None = None,
     attention_maps: bool = False,
     progress: bool = False,
-    accel: str = "eager",
+    model: Model | None = None,
+    optimiser: StepFactory = adam_steps,
 ) -> Edit:
     """Algorithm 3: put ``subject`` where ``source_word`` of ``caption`` is in ``image``.
 
@@ -216,5 +211,5 @@ def replace_subject(
     edited = swap_caption_word(caption, source_word, SUBJECT_SLOT)
     return edit_image(
         backend, image, caption, edited, subject=subject, config=config, attention_maps=attention_maps,
-        progress=progress, accel=accel,
+        progress=progress, model=model, optimiser=optimiser,
     )

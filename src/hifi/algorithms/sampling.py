@@ -1,10 +1,11 @@
-"""Deterministic DDIM sampling (Eq. 1, Eq. 7) and DDIM inversion (Eq. 3) as plain loops.
+"""Deterministic DDIM: the guided step F^(t) (Eq. 1), its inverse (Eq. 3), and their loops (Eq. 7).
 
-The model is any callable ``model(x_t, t, cond) -> output`` (a backend's ``denoise``, or a
-function with an exact answer in a test) and the schedule is a :class:`Schedule` value;
-nothing here is tied to a scheduler object or a backend. No ``no_grad`` inside: the
-reference-guidance and null-text loops differentiate through these steps; callers that
-only sample wrap the call in ``torch.no_grad()``.
+The model is any callable ``model(x_t, t, cond) -> output`` (:data:`hifi.protocols.denoiser.Model`:
+a backend's ``denoise``, a compiled or graph-replaying wrapper of it, or a function with an
+exact answer in a test) and the steps come from a :class:`~hifi.kernels.ddim.DdimGrid` built
+once; nothing here is tied to a scheduler object, a backend or an execution mode. No ``no_grad`` inside:
+the reference-guidance and null-text loops differentiate through :func:`guided_ddim_step`;
+callers that only sample wrap the call in ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hifi.kernels.ddim import Alpha, Schedule, cfg_combine, ddim_inverse_step, ddim_step, ddim_timesteps
+from hifi.kernels.ddim import DdimGrid, DdimStep, cfg_combine, ddim_inverse_step, ddim_step
+from hifi.protocols.denoiser import Model
 
-Model = Callable[[Tensor, int, Tensor], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
 """``callback(i, t, x_{t-1})`` after denoising step i (0-based) at timestep t."""
 
-__all__ = ["Model", "ddim_invert", "ddim_sample", "guided_output", "null_guided_step", "per_step"]
+__all__ = [
+    "StepCallback",
+    "ddim_invert",
+    "ddim_sample",
+    "guided_ddim_step",
+    "guided_output",
+    "inverse_ddim_step",
+    "per_step",
+]
 
 
-def guided_output(model: Model, x: Tensor, t: int, cond: Tensor, uncond: Tensor | None, w: float) -> Tensor:
-    """The classifier-free-guided model output ``w*eps(x,c) + (1-w)*eps(x,phi)`` (Eq. 1).
+def guided_output(model: Model, x: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None,
+                  w: float) -> Tensor:
+    """The classifier-free-guided model output ``w*eps(x,c) + (1-w)*eps(x,phi)`` (inside Eq. 1).
 
     Both branches run as one batch ``[phi, c]`` (the order diffusers' pipelines use), and
     only the conditional branch when ``w == 1`` or there is no ``uncond``.
@@ -39,22 +49,38 @@ def guided_output(model: Model, x: Tensor, t: int, cond: Tensor, uncond: Tensor 
     return cfg_combine(out_cond, out_uncond, w)
 
 
-def null_guided_step(
-    model: Model, schedule: Schedule, x: Tensor, t: Tensor | int, alpha_t: Alpha, alpha_prev: Alpha,
-    cond: Tensor, phi: Tensor, guidance: float, out_cond: Tensor | None = None,
+def guided_ddim_step(
+    model: Model, grid: DdimGrid, x: Tensor, step: DdimStep, cond: Tensor, phi: Tensor | None, w: float,
+    out_cond: Tensor | None = None,
 ) -> Tensor:
-    """x_{t-1} = F^(t)(x_t, c, phi) as a function of the null embedding phi (Eq. 4 and Eq. 10).
+    """Eq. 1: ``x_{t-1} = F^(t)(x_t, c, phi) = beta_t x_t - gamma_t (w eps(x_t, c) + (1 - w) eps(x_t, phi))``.
 
-    The step that null-text inversion's phi_t and Algorithm 2's phi_h are optimised through.
-    Given ``out_cond`` = eps(x_t, c), which does not depend on phi, only the unconditional
-    branch runs; without it both do (the naive way). ``t`` and the alphas may be tensors, so
-    a captured graph or compiled step serves every timestep (:mod:`hifi.execution.fastpath`).
+    The one home of F^(t): sampling, null-text inversion (Eq. 4) and reference guidance
+    (Eq. 10) all take their steps through it. Given ``out_cond`` = eps(x_t, c), which does
+    not depend on phi, only the unconditional branch runs (what the phi_t and phi_h steps
+    differentiate); without it both run as one batch. ``step`` may hold tensors
+    (:meth:`~hifi.kernels.ddim.DdimStep.on`), so one captured graph serves every timestep.
     """
     if out_cond is None:
-        out = guided_output(model, x, t, cond, phi.to(x.dtype), guidance)  # type: ignore[arg-type]
+        out = guided_output(model, x, step.t, cond, None if phi is None else phi.to(x.dtype), w)
     else:
-        out = cfg_combine(out_cond, model(x, t, phi.to(x.dtype)), guidance)  # type: ignore[arg-type]
-    return ddim_step(out, x, alpha_t, alpha_prev, schedule.prediction_type, schedule.clip_sample_range)
+        assert phi is not None, "the unconditional branch needs phi"
+        out = cfg_combine(out_cond, model(x, step.t, phi.to(x.dtype)), w)
+    schedule = grid.schedule
+    return ddim_step(out, x, step.alpha_t, step.alpha_prev, schedule.prediction_type, schedule.clip_sample_range)
+
+
+def inverse_ddim_step(
+    model: Model, grid: DdimGrid, x: Tensor, step: DdimStep, cond: Tensor, uncond: Tensor | None = None,
+    w: float = 1.0,
+) -> Tensor:
+    """Eq. 3: ``x_t = F^-1(t)(x_{t-1}, c)``, the DDIM map of ``step`` run towards more noise.
+
+    The model is evaluated at the current latent and the target timestep, as diffusers'
+    ``DDIMInverseScheduler`` and null-text inversion do.
+    """
+    out = guided_output(model, x, step.t, cond, uncond, w)
+    return ddim_inverse_step(out, x, step.alpha_prev, step.alpha_t, grid.schedule.prediction_type)
 
 
 def per_step(cond: Tensor | Sequence[Tensor], num_steps: int) -> Sequence[Tensor]:
@@ -68,61 +94,48 @@ def per_step(cond: Tensor | Sequence[Tensor], num_steps: int) -> Sequence[Tensor
 
 def ddim_sample(
     model: Model,
-    schedule: Schedule,
+    grid: DdimGrid,
     x_T: Tensor,
     cond: Tensor | Sequence[Tensor],
     *,
     uncond: Tensor | Sequence[Tensor] | None = None,
     guidance: float = 7.5,
-    num_steps: int = 50,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Denoise x_T to x_0 with N deterministic DDIM steps, x_{t-1} = F^(t)(x_t, c, phi) (Eq. 1).
+    """Denoise x_T to x_0 along ``grid``, x_{t-1} = F^(t)(x_t, c, phi) (Eq. 1).
 
     ``cond`` is one text embedding for every step, or one per step in denoising order:
     the step-wise ``[c, c_s^t]`` of Eq. 7. ``uncond`` likewise: phi, or one phi_t per step
     (the learned null embeddings of null-text inversion, Eq. 4).
     """
-    timesteps = ddim_timesteps(schedule, num_steps)
-    stride = schedule.stride(num_steps)
-    conds = per_step(cond, num_steps)
-    unconds = per_step(uncond, num_steps) if uncond is not None else [None] * num_steps
+    conds = per_step(cond, grid.num_steps)
+    unconds = per_step(uncond, grid.num_steps) if uncond is not None else [None] * grid.num_steps
     x = x_T
-    for i, t in enumerate(timesteps):
-        out = guided_output(model, x, t, conds[i], unconds[i], guidance)
-        x = ddim_step(
-            out, x, schedule.alpha(t), schedule.alpha(t - stride), schedule.prediction_type,
-            schedule.clip_sample_range,
-        )
+    for i, step in enumerate(grid.steps):
+        x = guided_ddim_step(model, grid, x, step, conds[i], unconds[i], guidance)
         if callback is not None:
-            callback(i, t, x)
+            callback(i, int(step.t), x)
     return x
 
 
 def ddim_invert(
     model: Model,
-    schedule: Schedule,
+    grid: DdimGrid,
     x_0: Tensor,
     cond: Tensor,
     *,
     uncond: Tensor | None = None,
     guidance: float = 1.0,
-    num_steps: int = 50,
 ) -> list[Tensor]:
-    """DDIM inversion x_0 -> x_T, x_{t+1} = F^-1(t)(x_t, c) (Eq. 3); the whole trajectory.
+    """DDIM inversion x_0 -> x_T along ``grid``, x_{t+1} = F^-1(t)(x_t, c) (Eq. 3); the whole trajectory.
 
     Returns ``[x*_0, x*_1, ..., x*_T]`` (index k is the latent after k inversion steps, so
-    ``trajectory[k]`` sits at the k-th smallest timestep of the grid). The model is
-    evaluated at the current latent and the target timestep, as diffusers'
-    ``DDIMInverseScheduler`` and null-text inversion do. Guidance 1 (the default) is the
-    pivotal inversion of null-text inversion.
+    ``trajectory[k]`` sits at the k-th smallest timestep of the grid). Guidance 1 (the
+    default) is the pivotal inversion of null-text inversion.
     """
-    timesteps = ddim_timesteps(schedule, num_steps)[::-1]
-    stride = schedule.stride(num_steps)
     trajectory = [x_0]
     x = x_0
-    for t in timesteps:
-        out = guided_output(model, x, t, cond, uncond, guidance)
-        x = ddim_inverse_step(out, x, schedule.alpha(t - stride), schedule.alpha(t), schedule.prediction_type)
+    for step in grid.inversion():
+        x = inverse_ddim_step(model, grid, x, step, cond, uncond, guidance)
         trajectory.append(x)
     return trajectory

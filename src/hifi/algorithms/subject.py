@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hifi.errors import HifiError
 from hifi.kernels.losses import splice_subject
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, TextualInversionBackend
 
 Mode = Literal["hifi", "classic-ti", "dreambooth", "plain"]
 MODES: tuple[Mode, ...] = ("hifi", "classic-ti", "dreambooth")
@@ -39,7 +39,25 @@ PLACEHOLDER = "<hifi-subject>"
 IDENTIFIER = "sks"
 """DreamBooth's rare identifier word."""
 
-__all__ = ["IDENTIFIER", "MODES", "PLACEHOLDER", "SUBJECT_SLOT", "Mode", "Subject"]
+__all__ = [
+    "IDENTIFIER", "MODES", "PLACEHOLDER", "SUBJECT_SLOT", "Mode", "Subject", "content_tokens", "textual_inversion",
+]
+
+
+def textual_inversion(backend: DenoiserBackend) -> TextualInversionBackend:
+    """``backend`` as a :class:`TextualInversionBackend`, or a clear error when it is not one."""
+    if not isinstance(backend, TextualInversionBackend):
+        raise HifiError(f"backend {backend.name!r} cannot learn or use a Textual Inversion token")
+    return backend
+
+
+def content_tokens(backend: DenoiserBackend, prompt: str) -> list[int]:
+    """The prompt's token ids between the start and end tokens, as :meth:`DenoiserBackend.token_ids`
+    lays them out (the empty prompt's second id is the end token; truncated as the encoder sees it)."""
+    ids = backend.token_ids([prompt, ""])
+    row, end_token = [int(i) for i in ids[0]], int(ids[1, 1])
+    stop = row.index(end_token, 1) if end_token in row[1:] else len(row)
+    return row[1:stop]
 
 
 @attrs.frozen(eq=False)
@@ -107,10 +125,7 @@ class Subject:
         rendered = [self.render_prompt(p) for p in prompts]
         if self.mode == "classic-ti":
             assert self.token_vector is not None
-            add = getattr(backend, "add_placeholder_token", None)
-            if add is None:
-                raise HifiError(f"backend {backend.name!r} cannot add a Textual Inversion token")
-            add(PLACEHOLDER)
+            textual_inversion(backend).add_placeholder_token(PLACEHOLDER)
             return backend.encode_text(rendered, token_embeddings={PLACEHOLDER: self.token_vector})
         return backend.encode_text(rendered)
 

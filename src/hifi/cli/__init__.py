@@ -3,7 +3,8 @@
 Each sub-command lives in its own module under :mod:`hifi.cli` with a
 ``register(subparsers)`` function that adds its parser and sets ``func``; the handler
 parses flags, calls one library function, and prints what it returns. A
-:class:`~hifi.errors.HifiError` becomes one line on stderr and exit status 2.
+:class:`~hifi.errors.HifiError` becomes one line on stderr and exit status 2, and so does a
+flag argparse refuses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from hifi import __version__
 from hifi.errors import HifiError
@@ -20,8 +22,16 @@ from hifi.errors import HifiError
 COMMAND_MODULES = ("demo", "tune", "generate", "edit", "replace", "eval", "backends", "doctor")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser (and its sub-commands', which take its class) with an error as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hifi: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``hifi`` parser with every sub-command of :data:`COMMAND_MODULES`."""
+    parser = OneLineParser(
         prog="hifi",
         description="HiFi Tuner: learn a subject from 3-6 photos, then draw it faithfully.",
     )

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from hifi.errors import HifiError
 from hifi.protocols.denoiser import DenoiserBackend
 from hifi.registry import load_backend
 
@@ -23,19 +24,23 @@ def backend_from_args(args: argparse.Namespace, name: str | None = None, model: 
     backend = args.backend or name or "tiny"
     if model and model.startswith("random:tiny"):
         # The tiny backend's weights are its seed: "random:tiny:SEED" (as runs record it).
-        options["seed"] = int(model.rsplit(":", 1)[1]) if model.count(":") == 2 else 0
+        seed = model.removeprefix("random:tiny").removeprefix(":") or "0"
+        if not seed.isdigit():
+            raise HifiError(f"--model {model!r}: the tiny backend's model is random:tiny or random:tiny:SEED,"
+                            " SEED a whole number >= 0")
+        options["seed"] = int(seed)
     elif model:
         options["model"] = model
     if args.device:
         options["device"] = args.device
-    built = load_backend(backend, **options)
-    set_layout = getattr(built, "set_channels_last", None)
-    if getattr(args, "accel", "eager") == "graph" and set_layout is not None and built.device.type == "cuda":
-        # Graphs replay cuDNN's convolutions; channels-last spares them their transposes
-        # (an H100, SD1.4 bf16: c_s step 17.1 ms vs 21.1 ms, benchmarks/results/sd14-gpu-bf16-layout.md).
-        set_layout()
-    return built
+    return load_backend(backend, **options)
 
 
 def warn(message: str) -> None:
+    """One warning line on stderr."""
     print(f"hifi: warning: {message}", file=sys.stderr)
+
+
+def note(message: str) -> None:
+    """One note line on stderr (what a command did on its own, e.g. a resize)."""
+    print(f"hifi: note: {message}", file=sys.stderr)

@@ -8,7 +8,17 @@ from typing import Any
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.algorithms.tune import TuneConfig
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
-from hifi.workflows.demo import run_demo
+from hifi.toyworld.world import CLASSES, SCENES
+from hifi.workflows.checks import check_tune, check_tune_config, unknown_word_warnings
+from hifi.workflows.demo import DEMO_PROMPTS, run_demo
+
+TOY_PHOTOS = (
+    f"the toy backend is ToyWorld's model, trained here on 64x64 renders of {len(CLASSES)} toy classes"
+    f" ({', '.join(CLASSES)}) in {len(SCENES)} scenes: from your photos it can learn colours and a rough shape,"
+    " not draw the real thing; with real weights: hifi demo --backend sd14 --model /models/sd-v1-4"
+    " --photos DIR --class-name CLASS"
+)
+"""What ``--photos`` on the toy backend can and cannot show, and the command for real weights."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,7 +26,14 @@ def run(args: argparse.Namespace) -> int:
                         checkpoint_every=50)
     reference = ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                   phi_steps=args.phi_steps)
+    reference.check()  # the guided half runs after the tune: refuse its window first
+    check_tune_config(config, args.out)  # before a model loads
     backend = backend_from_args(args)
+    check_tune(backend, args.class_name or "", config)
+    for w in unknown_word_warnings(backend, DEMO_PROMPTS, args.class_name):
+        warn(w)
+    if args.photos and backend.name == "toy":
+        warn(TOY_PHOTOS)
     result = run_demo(args.out, backend, photos=args.photos, masks=args.masks, class_name=args.class_name,
                       toy_subject=args.subject, config=config, reference=reference, progress=not args.quiet)
     for w in result.warnings:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from hifi.perception_registry import doctor_report, runtime_versions
+from hifi.perception.doctor import doctor_report, runtime_versions
 
 _COLUMNS = ("kind", "name", "what", "model", "configured", "found", "device")
 

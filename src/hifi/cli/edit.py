@@ -1,30 +1,25 @@
 """``hifi edit``: null-text inversion and prompt-to-prompt word swap on a photo, no subject.
 
-Also the photo handling and outputs that ``hifi replace`` shares: the photo is resized
-(not cropped) to the backend's square resolution and the result back to the photo's size;
+Also the flags that ``hifi replace`` shares. The photo is resized (not cropped) to the
+backend's square resolution and the result back to the photo's size;
 ``--save-intermediates`` writes, beside ``--out``, the reconstruction, the mean
 cross-attention maps of the tokens that kept their own maps, a before / reconstruction /
-after strip, and a JSON summary with the null-text losses.
+after strip, and a JSON summary with the null-text losses. The workflow is
+:func:`hifi.workflows.edit.edit_photo`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-import attrs
-from PIL import Image
-from torch import Tensor
-
 from hifi.algorithms.null_text import NullTextConfig
-from hifi.algorithms.replace import Edit, edit_image, swap_caption_word
-from hifi.cli.common import add_backend_flags, backend_from_args
-from hifi.execution.fastpath import ACCEL_MODES, check_accel
-from hifi.io.images import image_to_tensor, load_image, make_grid, save_image, tensor_to_image, write_json
+from hifi.cli.common import add_backend_flags, backend_from_args, note, warn
+from hifi.execution.fastpath import ACCEL_MODES
+from hifi.workflows.checks import unknown_word_warnings
+from hifi.workflows.edit import PhotoEdit, check_edit, edit_photo
 
-__all__ = ["add_edit_flags", "config_from_args", "register", "run", "write_edit"]
+__all__ = ["add_edit_flags", "config_from_args", "register", "report", "run"]
 
 
 def add_edit_flags(p: argparse.ArgumentParser) -> None:
@@ -47,84 +42,31 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NullTextConfig:
+    """The null-text settings the flags name (a clear error for a negative count or rate)."""
     return NullTextConfig(
         guidance=args.guidance, num_steps=args.ddim_steps, inner_steps=args.inner_steps, lr=args.lr,
         tolerance=args.tolerance,
     )
 
 
-def note(message: str) -> None:
-    print(f"hifi: note: {message}", file=sys.stderr)
-
-
-def photo_note(path: str, photo: Image.Image, resolution: int) -> str | None:
-    """Why the photo is resized, when it is."""
-    if photo.size == (resolution, resolution):
-        return None
-    w, h = photo.size
-    return f"{path} is {w}x{h}: edited at {resolution}x{resolution} and resized back to {w}x{h}"
-
-
-def to_backend(photo: Image.Image, resolution: int) -> Tensor:
-    """The whole photo (no crop) as a square ``[3, S, S]`` tensor in [-1, 1]."""
-    return image_to_tensor(photo.resize((resolution, resolution), Image.Resampling.BICUBIC), resolution)
-
-
-def write_edit(edit: Edit, photo: Image.Image, out: Path, intermediates: bool, extra: dict[str, Any]) -> list[Path]:
-    """Write the edit at the photo's size, and the intermediates; return the paths written."""
-    save_image(tensor_to_image(edit.image).resize(photo.size, Image.Resampling.BICUBIC), out)
-    written = [out]
-    if not intermediates:
-        return written
-    side = edit.image.shape[-1]
-    stem = out.with_suffix("")
-    recon = stem.with_name(f"{stem.name}.reconstruction.png")
-    save_image(tensor_to_image(edit.reconstruction).resize(photo.size, Image.Resampling.BICUBIC), recon)
-    strip = stem.with_name(f"{stem.name}.before-after.png")
-    before = photo.resize((side, side), Image.Resampling.BICUBIC)
-    save_image(make_grid([before, tensor_to_image(edit.reconstruction), tensor_to_image(edit.image)], cols=3), strip)
-    written += [recon, strip]
-    own = [int(i) for i in edit.own.nonzero().flatten()]
-    if edit.attention is not None and own:
-        maps = edit.attention[1].permute(2, 0, 1)[own]  # the edit's maps of its own tokens
-        maps = maps / maps.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
-        attention = stem.with_name(f"{stem.name}.attention.png")
-        save_image(make_grid([tensor_to_image(m) for m in maps], cols=len(own), cell=side), attention)
-        written.append(attention)
-    inversion = edit.inversion
-    error = float((edit.reconstruction_latents - inversion.trajectory[0]).pow(2).mean())
-    summary = stem.with_name(f"{stem.name}.json")
-    write_json(summary, {
-        **extra,
-        "caption": edit.caption,
-        "edited_caption": edit.edited_caption,
-        "own_token_positions": own,
-        "token_alignment": [int(i) for i in edit.index],
-        "null_text_losses": list(inversion.losses),
-        "null_text_iterations": list(inversion.iterations),
-        "reconstruction_latent_mse": error,
-    })
-    written.append(summary)
-    return written
+def report(result: PhotoEdit) -> int:
+    """Print an edit's notes and the files it wrote; the exit status."""
+    for message in result.notes:
+        note(message)
+    print(f"wrote {', '.join(str(p) for p in result.written)}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    edited = swap_caption_word(args.caption, args.source_word, args.target_word)
-    photo = load_image(args.image)
+    check_edit(args.image, args.out, args.caption, args.source_word, config)  # before a model loads
     backend = backend_from_args(args)
-    check_accel(args.accel, backend.device)  # before any work
-    message = photo_note(args.image, photo, backend.resolution)
-    if message:
-        note(message)
-    edit = edit_image(
-        backend, to_backend(photo, backend.resolution), args.caption, edited, config=config,
-        attention_maps=args.save_intermediates, progress=not args.quiet, accel=args.accel,
-    )
-    extra = {"image": str(args.image), "backend": backend.name, "null_text_config": attrs.asdict(config)}
-    written = write_edit(edit, photo, Path(args.out), args.save_intermediates, extra)
-    print(f"wrote {', '.join(str(p) for p in written)}")
-    return 0
+    for w in unknown_word_warnings(backend, [args.caption, args.target_word]):
+        warn(w)
+    return report(edit_photo(
+        backend, args.image, args.caption, args.source_word, args.target_word, args.out, config=config,
+        intermediates=args.save_intermediates, progress=not args.quiet, accel=args.accel,
+    ))
 
 
 def register(sub: Any) -> None:

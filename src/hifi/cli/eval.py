@@ -16,6 +16,9 @@ import torch.distributed as dist
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.cli.common import add_backend_flags, backend_from_args
 from hifi.execution.fastpath import ACCEL_MODES
+from hifi.io.images import check_writable
+from hifi.protocols.denoiser import DenoiserBackend
+from hifi.workflows.checks import check_finite, check_seeds, check_step_count
 from hifi.workflows.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth, summary_markdown
 
 
@@ -33,7 +36,7 @@ def _distributed() -> tuple[int, int, str | None]:
 
 def metric_embedders(args: argparse.Namespace) -> tuple[Any, Any]:
     """The DINO-role and CLIP-role embedders: the flags', else the backend's own, else DINO and CLIP."""
-    from hifi.perception_registry import load_embedder
+    from hifi.perception.registry import load_embedder
     from hifi.registry import backend_perception_defaults
 
     prefs = backend_perception_defaults(args.backend or "tiny")
@@ -51,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     rank, world, device = _distributed()
     if device and not args.device:
         args.device = device
+    check_writable(args.out)  # before any model loads
+    check_finite({"--lr": args.lr})
+    check_seeds(args.seed)
     dataset = load_dreambooth(args.dataset)
     settings = EvalSettings(
         method=args.method,
@@ -61,7 +67,14 @@ def run(args: argparse.Namespace) -> int:
         reference=ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                     phi_steps=args.phi_steps),
     )
+    if METHODS[args.method].reference:
+        settings.reference.check()  # the guided images come after the tunes: refuse their window first
     scorers = Scorers(*metric_embedders(args))
+    first = [backend_from_args(args)]  # the first subject's backend: the step count is checked on its schedule
+    check_step_count(args.ddim_steps, first[0].schedule.num_train_timesteps, "--ddim-steps")
+
+    def backend_for() -> DenoiserBackend:
+        return first.pop() if first else backend_from_args(args)
 
     def gather(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]] | None:
         if world == 1:
@@ -71,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return parts
 
     try:
-        summary = evaluate(dataset, lambda: backend_from_args(args), scorers, args.out, settings,
+        summary = evaluate(dataset, backend_for, scorers, args.out, settings,
                            rank=rank, world_size=world, gather=gather, progress=not args.quiet and rank == 0)
     finally:
         if world > 1 and dist.is_initialized():

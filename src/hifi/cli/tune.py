@@ -9,6 +9,7 @@ from hifi.algorithms.subject import MODES
 from hifi.algorithms.tune import TuneConfig
 from hifi.cli.common import add_backend_flags, backend_from_args, warn
 from hifi.execution.fastpath import ACCEL_MODES
+from hifi.workflows.checks import check_tune, check_tune_config, unknown_word_warnings
 from hifi.workflows.tune import tune_to_run
 
 
@@ -17,12 +18,16 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode, steps=args.steps, lr=args.lr, num_tokens=args.tokens, reg_weight=args.reg_weight,
         use_mask=not args.no_mask, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps,
         seed=args.seed, checkpoint_every=args.checkpoint_every, prior_preservation=args.prior_preservation,
-        num_class_images=args.class_images, accel=args.accel,
+        num_class_images=args.class_images,
     )
+    check_tune_config(config, args.out)  # before a model loads
     backend = backend_from_args(args)
+    check_tune(backend, args.class_name, config)
+    for w in unknown_word_warnings(backend, [], args.class_name):
+        warn(w)
     outcome = tune_to_run(
         backend, args.subject, args.class_name, args.out, config=config, masks=args.masks,
-        resume=args.resume, samples=args.samples, progress=not args.quiet,
+        resume=args.resume, samples=args.samples, progress=not args.quiet, accel=args.accel,
     )
     for w in outcome.warnings:
         warn(w)

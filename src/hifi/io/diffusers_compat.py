@@ -26,6 +26,7 @@ from torch import Tensor
 
 from hifi.algorithms.generate import step_conditions
 from hifi.algorithms.subject import Subject
+from hifi.kernels.ddim import DdimGrid
 from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = ["StepwiseEmbeddingsCallback", "pipeline_inputs"]
@@ -56,7 +57,7 @@ class StepwiseEmbeddingsCallback:
 def pipeline_inputs(backend: DenoiserBackend, subject: Subject, prompt: str, num_steps: int) -> dict[str, Any]:
     """Keyword arguments for a stock ``StableDiffusionPipeline`` call with a DDIM scheduler."""
     with torch.no_grad():
-        conds = step_conditions(backend, subject, prompt, num_steps)
+        conds = step_conditions(backend, subject, prompt, DdimGrid.build(backend.schedule, num_steps))
         phi = backend.null_embedding()
     return {
         "prompt_embeds": conds[0],

@@ -26,6 +26,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 __all__ = [
     "atomic_path",
+    "check_writable",
     "image_to_tensor",
     "list_images",
     "load_image",
@@ -53,6 +54,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(path: str | Path, *, folder: bool = True) -> None:
+    """Refuse, before any work, an output that cannot be written; creates nothing.
+
+    ``path`` is an output folder (``folder=True``) or file. The nearest part of it that
+    exists must be a folder in which a file can be made (one is made and removed at once),
+    and an output file must not be an existing folder. The error says which part is in
+    the way (as root, a regular file on the path is the case permissions do not catch).
+    """
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise HifiError(f"cannot write to {path}: it is a folder; name an image file")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HifiError(f"cannot write to {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise HifiError(f"cannot write to {path}: {existing}: {err.strerror or err}") from err
 
 
 def write_json(path: str | Path, data: Any) -> None:

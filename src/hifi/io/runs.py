@@ -13,6 +13,7 @@ Layout (all files written atomically)::
       masks/NAME.png               the masks the run was tuned with, by source file name
       sources/NAME.png             the source photos as tuned (square, backend resolution)
       losses.jsonl                 one JSON object per optimisation step
+      samples/seedS.png, grid.png  plain generations of the tuned subject (``--samples``)
       checkpoint/                  resumable state while a tune is in progress
 
 A run written by one backend refuses to load into an incompatible one (text width, text
@@ -39,6 +40,15 @@ from hifi.io.images import atomic_path, write_json
 from hifi.protocols.denoiser import DenoiserBackend
 
 __all__ = [
+    "CHECKPOINT_DIR",
+    "DENOISER_FILE",
+    "LOSSES_FILE",
+    "MASKS_DIR",
+    "RUN_FILE",
+    "SAMPLES_DIR",
+    "SOURCES_DIR",
+    "SUBJECT_FILE",
+    "TI_FILE",
     "FolderCheckpointer",
     "Run",
     "RunMeta",
@@ -51,10 +61,16 @@ __all__ = [
     "write_jsonl",
 ]
 
+# The run folder's names (the layout above); every reader and writer of a run uses these.
 RUN_FILE = "run.json"
 SUBJECT_FILE = "subject.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 DENOISER_FILE = "denoiser.safetensors"
+MASKS_DIR = "masks"
+SOURCES_DIR = "sources"
+LOSSES_FILE = "losses.jsonl"
+SAMPLES_DIR = "samples"
+CHECKPOINT_DIR = "checkpoint"
 
 
 @attrs.frozen
@@ -102,10 +118,10 @@ class Run:
         return p if p.exists() else None
 
     def source_images(self) -> list[Path]:
-        return sorted((self.path / "sources").glob("*.png"))
+        return sorted((self.path / SOURCES_DIR).glob("*.png"))
 
     def mask_images(self) -> list[Path]:
-        return sorted((self.path / "masks").glob("*.png"))
+        return sorted((self.path / MASKS_DIR).glob("*.png"))
 
 
 def save_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
@@ -162,7 +178,7 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     meta_file = path / RUN_FILE
     if not meta_file.exists():
-        hint = " (a tune in progress? rerun it with --resume)" if (path / "checkpoint").exists() else ""
+        hint = " (a tune in progress? rerun it with --resume)" if (path / CHECKPOINT_DIR).exists() else ""
         raise HifiError(f"{path} is not a finished hifi run: {RUN_FILE} is missing{hint}")
     try:
         meta = RunMeta.from_json(json.loads(meta_file.read_text()))

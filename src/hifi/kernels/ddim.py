@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import attrs
 import torch
 from torch import Tensor
+
+from hifi.errors import HifiError
 
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 __all__ = [
     "Alpha",
+    "DdimGrid",
+    "DdimStep",
     "PredictionType",
     "add_noise",
     "Schedule",
@@ -66,7 +70,7 @@ def _betas(config: Mapping[str, Any]) -> torch.Tensor:
     raise ValueError(f"unsupported beta_schedule {kind!r} (linear, scaled_linear, squaredcos_cap_v2)")
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Schedule:
     """The noise schedule a DDIM step needs, as an immutable value.
 
@@ -163,6 +167,63 @@ def ddim_timesteps(schedule: Schedule, num_steps: int) -> tuple[int, ...]:
 Alpha = float | Tensor
 """``a_t`` as a number, or as a 0-d tensor on the sample's device: a captured CUDA graph or a
 compiled step takes the alphas of each timestep as inputs instead of baking them in."""
+
+
+class DdimStep(NamedTuple):
+    """One step of a DDIM grid: timestep ``t`` and the pair ``(a_t, a_prev)`` at t and t - stride.
+
+    Denoising maps x_t to x_{t-stride} with this pair (Eq. 1); inversion runs the same step
+    the other way, from x_{t-stride} to x_t (Eq. 3). The fields are numbers, or 0-d tensors
+    on a device (:meth:`on`) when a captured graph takes them as inputs. A named tuple, so
+    that ``torch.compile`` traces its construction inside a loss.
+    """
+
+    t: int | Tensor
+    alpha_t: Alpha
+    alpha_prev: Alpha
+
+    def on(self, device: torch.device | str) -> DdimStep:
+        """The same step as 0-d tensors on ``device`` (int64 timestep, float32 alphas)."""
+        alphas = torch.tensor([float(self.alpha_t), float(self.alpha_prev)], dtype=torch.float32, device=device)
+        return DdimStep(t=torch.as_tensor(self.t, dtype=torch.int64, device=device), alpha_t=alphas[0],
+                        alpha_prev=alphas[1])
+
+
+@attrs.frozen(cache_hash=True)
+class DdimGrid:
+    """The N-step DDIM grid of a :class:`Schedule`, built once: k-diffusion's ``sigmas`` for DDIM.
+
+    ``steps[i]`` is the i-th denoising step (0-based, largest timestep first), with its
+    timestep and alpha pair; :meth:`inversion` lists them in the order DDIM inversion takes
+    them. Every loop of the method (sampling, inversion, null-text inversion, reference
+    guidance, Algorithm 1) walks one of these instead of recomputing timesteps and strides.
+    """
+
+    schedule: Schedule
+    steps: tuple[DdimStep, ...]
+
+    @classmethod
+    def build(cls, schedule: Schedule, num_steps: int) -> DdimGrid:
+        """The grid of ``num_steps`` steps (diffusers' ``set_timesteps``; a clear error outside 1..N)."""
+        if not 1 <= num_steps <= schedule.num_train_timesteps:
+            raise HifiError(f"the number of DDIM steps T must be in 1..{schedule.num_train_timesteps}"
+                            f" (the model's training timesteps), got {num_steps}")
+        stride = schedule.stride(num_steps)
+        steps = tuple(DdimStep(t, schedule.alpha(t), schedule.alpha(t - stride))
+                      for t in ddim_timesteps(schedule, num_steps))
+        return cls(schedule=schedule, steps=steps)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        return tuple(int(s.t) for s in self.steps)
+
+    def inversion(self) -> tuple[DdimStep, ...]:
+        """The steps in inversion order (smallest timestep first)."""
+        return self.steps[::-1]
 
 
 def _roots(alpha: Alpha) -> tuple[Alpha, Alpha]:

@@ -1,5 +1,5 @@
-"""The subject-learning losses of Section 3.2: masked noise loss (Eq. 5) and the
-ridge-to-null regulariser (Eq. 6), with the splice ``[c, c_s]`` they act through.
+"""The subject-learning losses of Section 3.2: the noise loss (Eq. 2), its masked form (Eq. 5)
+and the ridge-to-null regulariser (Eq. 6), with the splice ``[c, c_s]`` they act through.
 
 Pure functions: no state, no device moves, differentiable throughout.
 """
@@ -12,6 +12,7 @@ from torch import Tensor
 
 __all__ = [
     "masked_mse",
+    "noise_loss",
     "resize_mask",
     "ridge_to_null",
     "splice_subject",
@@ -34,6 +35,15 @@ def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
     return F.interpolate(mask, size=size, mode="area")
+
+
+def noise_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The noise loss of Eq. 2, ``||eps_theta(x_t, [c, c_s]) - eps||^2`` as a mean, or Eq. 5 with ``mask``.
+
+    In float32 whatever the model's dtype; with a mask it is :func:`masked_mse`.
+    """
+    pred, target = pred.float(), target.float()
+    return F.mse_loss(pred, target) if mask is None else masked_mse(pred, target, mask)
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:

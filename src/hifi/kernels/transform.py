@@ -49,8 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ChamferProblem",
     "SimilarityFit",
     "chamfer_distance",
+    "chamfer_distances",
+    "chamfer_objective",
     "fit_similarity_transform",
     "similarity_matrix",
     "warp_image",
@@ -335,6 +338,53 @@ def fit_similarity_transform(
         return _fit(mask_r, mask_g, iterations, lr, max_points, seed, symmetric, init)
 
 
+@attrs.frozen(eq=False)
+class ChamferProblem:
+    """What Eq. 9's objective needs of the two masks, computed once before the fit.
+
+    ``p_centred`` are reference points less their centroid ``c_r``, ``q`` generated points
+    (centroid ``c_g``), ``unit`` the shift's unit (the generated shape's RMS radius), and
+    ``field_r``, ``field_g`` the exact distance fields of the two pixel sets.
+    """
+
+    p_centred: Tensor
+    q: Tensor
+    c_r: Tensor
+    c_g: Tensor
+    unit: float
+    field_r: Tensor
+    field_g: Tensor
+
+
+def chamfer_distances(theta: Tensor, problem: ChamferProblem) -> tuple[Tensor, Tensor]:
+    """Per start ``[K, N]`` and ``[K, M]``: d(T(p), P(M_g)) and d(q, T(P(M_r))) for parameters ``[K, 4]``.
+
+    The optimised model, centred on both centroids so that rotation and scale barely move the
+    shape's position: ``T(p) = c_g + unit * shift + scale * R(angle) @ (p - c_r)``, with
+    ``theta = (log scale, angle, shift_x, shift_y)``.
+    """
+    scale = torch.exp(theta[:, 0])
+    cos, sin = torch.cos(theta[:, 1]), torch.sin(theta[:, 1])
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [K, 2, 2]
+    offset = problem.c_g + problem.unit * theta[:, None, 2:]
+    # Row vectors: p @ R^T is R @ p, and (q - offset) @ R is R^-1 @ (q - offset).
+    forward = scale[:, None, None] * (problem.p_centred @ rotation.mT) + offset
+    backward = ((problem.q - offset) @ rotation) / scale[:, None, None] + problem.c_r
+    return (_distance_to_set(problem.field_g, forward),
+            scale[:, None] * _distance_to_set(problem.field_r, backward))
+
+
+def chamfer_objective(theta: Tensor, problem: ChamferProblem, *, symmetric: bool = True) -> Tensor:
+    """Eq. 9 as the fit minimises it: the squared Chamfer distance of T_theta(P(M_r)) to P(M_g), per start ``[K]``.
+
+    ``mean_p d(T(p), P(M_g))^2``, plus ``mean_q d(q, T(P(M_r)))^2`` when ``symmetric`` (the
+    default; Algorithm 4's one-sided form collapses, see the module docstring).
+    """
+    to_g, to_r = chamfer_distances(theta, problem)
+    out = to_g.square().mean(dim=-1)
+    return out + to_r.square().mean(dim=-1) if symmetric else out
+
+
 def _fit(
     mask_r: Tensor,
     mask_g: Tensor,
@@ -357,9 +407,8 @@ def _fit(
     # same for any mask size (>= 1 px so that a one-pixel mask does not divide by zero).
     unit = max(rms_g, 1.0)
 
-    # Optimised model, centred on both centroids so that rotation and scale barely move the
-    # shape's position (rotating about the image origin, as Eq. (8) does, would couple them):
-    #     T(p) = c_g + unit * shift + scale * R(angle) @ (p - c_r)
+    # The fit's model is centred on both centroids (chamfer_distances): rotating about the
+    # image origin, as Eq. (8) does, would couple rotation and scale with position.
     if init is None:
         scale0 = math.sqrt(q_all.shape[0] / p_all.shape[0])
         starts = [(math.log(scale0), axis_g - axis_r + k * math.pi / 2, 0.0, 0.0) for k in range(4)]
@@ -370,23 +419,7 @@ def _fit(
         shift0 = (moved - c_g) / unit
         starts = [(math.log(scale0), angle0, float(shift0[0]), float(shift0[1]))]
     params = torch.tensor(starts, dtype=q.dtype, device=q.device)
-
-    def distances(theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Per start ``[K, N]`` and ``[K, M]``: d(T(p), P(M_g)) and d(q, T(P(M_r)))."""
-        scale = torch.exp(theta[:, 0])
-        cos, sin = torch.cos(theta[:, 1]), torch.sin(theta[:, 1])
-        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [K, 2, 2]
-        offset = c_g + unit * theta[:, None, 2:]
-        # Row vectors: p @ R^T is R @ p, and (q - offset) @ R is R^-1 @ (q - offset).
-        forward = scale[:, None, None] * (p_centred @ rotation.mT) + offset
-        backward = ((q - offset) @ rotation) / scale[:, None, None] + c_r
-        return _distance_to_set(field_g, forward), scale[:, None] * _distance_to_set(field_r, backward)
-
-    def objective(theta: Tensor) -> Tensor:
-        to_g, to_r = distances(theta)
-        out = to_g.square().mean(dim=-1)
-        return out + to_r.square().mean(dim=-1) if symmetric else out
-
+    problem = ChamferProblem(p_centred=p_centred, q=q, c_r=c_r, c_g=c_g, unit=unit, field_r=field_r, field_g=field_g)
     params.requires_grad_(True)
     optimiser = torch.optim.Adam([params], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(iterations, 1))
@@ -394,14 +427,14 @@ def _fit(
         optimiser.zero_grad()
         # Starts are independent: summing their losses keeps each one's gradient its own,
         # and Adam's update is elementwise, so this is K separate fits run as one batch.
-        objective(params).sum().backward()
+        chamfer_objective(params, problem, symmetric=symmetric).sum().backward()
         optimiser.step()
         schedule.step()
     params = params.detach()
 
     with torch.no_grad():
-        best = int(objective(params).argmin())
-        to_g, to_r = distances(params[best : best + 1])
+        best = int(chamfer_objective(params, problem, symmetric=symmetric).argmin())
+        to_g, to_r = chamfer_distances(params[best : best + 1], problem)
     residual = 0.5 * float(to_g.mean() + to_r.mean())
     log_scale, angle, dx, dy = (float(v) for v in params[best])
     scale = math.exp(log_scale)

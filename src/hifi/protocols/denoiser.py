@@ -7,7 +7,7 @@ new backend, not a change to any algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -15,7 +15,12 @@ from torch import Tensor
 
 from hifi.kernels.ddim import Schedule
 
-__all__ = ["DenoiserBackend"]
+__all__ = ["ChannelsLastBackend", "DenoiserBackend", "Model", "TextualInversionBackend", "VocabularyBackend"]
+
+Model = Callable[[Tensor, Any, Tensor], Tensor]
+"""The model callable the algorithms run: ``model(x_t, t, cond) -> output`` (a backend's
+``denoise``, an accelerated wrapper of it from :mod:`hifi.execution.edge`, or a function
+with an exact answer in a test)."""
 
 
 @runtime_checkable
@@ -104,4 +109,45 @@ class DenoiserBackend(Protocol):
 
     def load_denoiser_state(self, state: Mapping[str, Tensor]) -> None:
         """Load denoiser weights saved by :meth:`denoiser_state` (a DreamBooth run)."""
+        ...
+
+
+@runtime_checkable
+class TextualInversionBackend(Protocol):
+    """A backend whose tokenizer can take a new word with a learnable input embedding (classic TI, Eq. 2)."""
+
+    def add_placeholder_token(self, word: str) -> int:
+        """Add ``word`` as one new token (no-op when it is there already); its token id."""
+        ...
+
+    def input_embedding(self, word: str) -> Tensor:
+        """The input-embedding vector ``[D_in]`` of a one-token word; a HifiError for other words."""
+        ...
+
+
+@runtime_checkable
+class ChannelsLastBackend(Protocol):
+    """A backend that can hold its denoiser in channels-last memory layout."""
+
+    def set_channels_last(self) -> None:
+        """Convert the denoiser's weights to channels-last (no change of any number)."""
+        ...
+
+
+@runtime_checkable
+class VocabularyBackend(Protocol):
+    """A backend that can say what its tokenizer makes of a prompt, so the edge can warn or refuse first.
+
+    A word the tokenizer does not know reaches the text encoder as pieces (or unknown
+    tokens) the model never learned, so the model cannot draw what it names; a prompt
+    longer than the text encoder's window is cut, and in ``hifi`` mode its last tokens
+    would sit where c_s goes.
+    """
+
+    def unknown_words(self, prompts: Sequence[str]) -> tuple[str, ...]:
+        """The words of ``prompts`` (lower case, each once, in order) that the tokenizer does not know."""
+        ...
+
+    def prompt_lengths(self, prompts: Sequence[str]) -> tuple[int, ...]:
+        """Each prompt's token count, without the start and end tokens and before any truncation."""
         ...

@@ -5,7 +5,21 @@ back in its result, progress goes to an optional tqdm bar. The command line is a
 over them; an embedding product calls them directly.
 """
 
+from hifi.workflows.edit import PhotoEdit, edit_photo, replace_in_photo
+from hifi.workflows.generate import GenerateResult, GenerateSettings, generate_from_run
 from hifi.workflows.photos import SubjectPhotos, load_references, load_subject_photos
 from hifi.workflows.tune import TuneOutcome, tune_to_run
 
-__all__ = ["SubjectPhotos", "TuneOutcome", "load_references", "load_subject_photos", "tune_to_run"]
+__all__ = [
+    "GenerateResult",
+    "GenerateSettings",
+    "PhotoEdit",
+    "SubjectPhotos",
+    "TuneOutcome",
+    "edit_photo",
+    "generate_from_run",
+    "load_references",
+    "load_subject_photos",
+    "replace_in_photo",
+    "tune_to_run",
+]

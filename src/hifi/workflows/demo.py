@@ -17,7 +17,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
@@ -32,8 +31,9 @@ from hifi.io.images import (
     tensor_to_image,
     write_json,
 )
-from hifi.io.runs import apply_run, load_run
-from hifi.perception_registry import configured_perception
+from hifi.io.runs import CHECKPOINT_DIR, RUN_FILE, apply_run, load_run
+from hifi.kernels.similarity import cosine_similarity_matrix
+from hifi.perception.registry import configured_perception
 from hifi.protocols.denoiser import DenoiserBackend
 from hifi.toyworld.subjects import SUBJECTS, export_dataset
 from hifi.workflows.photos import load_references
@@ -56,9 +56,7 @@ class DemoResult:
 def _similarity(embedder: Any, generated: Tensor, sources: Tensor, exclude_self: bool = False) -> float:
     """Mean pairwise cosine of embeddings, generated vs sources (the DINO-score recipe)."""
     with torch.no_grad():
-        a = F.normalize(embedder.embed(generated).float(), dim=-1)
-        b = F.normalize(embedder.embed(sources).float(), dim=-1)
-    sims = a @ b.T
+        sims = cosine_similarity_matrix(embedder.embed(generated), embedder.embed(sources))
     if exclude_self:
         off = ~torch.eye(sims.shape[0], dtype=torch.bool)
         return float(sims[off].mean())
@@ -100,11 +98,11 @@ def run_demo(
     config = config or TuneConfig(steps=200, stepwise_steps=5, num_steps=20, checkpoint_every=50)
     reference = reference or ReferenceSettings(num_steps=config.num_steps, t_start=16, t_end=4, phi_steps=3)
     run_dir = out / "run"
-    if (run_dir / "run.json").exists():
+    if (run_dir / RUN_FILE).exists():
         outcome_warnings: tuple[str, ...] = ("reused the finished tune in " + str(run_dir),)
     else:
         outcome = tune_to_run(backend, photos_dir, class_name, run_dir, config=config, masks=masks_dir,
-                              resume=(run_dir / "checkpoint").exists(), samples=0, progress=progress)
+                              resume=(run_dir / CHECKPOINT_DIR).exists(), samples=0, progress=progress)
         outcome_warnings = outcome.warnings
     run = load_run(run_dir)
     subject = apply_run(run, backend)

@@ -37,6 +37,7 @@ from hifi.algorithms.reference import ReferenceSettings, reference_guided_genera
 from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.algorithms.tune import TuneConfig
 from hifi.errors import HifiError
+from hifi.execution.edge import execution_for
 from hifi.io.images import (
     atomic_path,
     image_to_tensor,
@@ -47,8 +48,9 @@ from hifi.io.images import (
     tensor_to_image,
     write_json,
 )
-from hifi.io.runs import apply_run, load_run
-from hifi.perception_registry import configured_perception
+from hifi.io.runs import CHECKPOINT_DIR, RUN_FILE, apply_run, load_run
+from hifi.kernels.similarity import unit_rows
+from hifi.perception.registry import configured_perception
 from hifi.protocols.denoiser import DenoiserBackend
 from hifi.workflows.photos import load_references
 from hifi.workflows.tune import tune_to_run
@@ -144,8 +146,8 @@ class EvalSettings:
     learning_rates: tuple[tuple[str, float], ...] = ()
     """Per tuning mode, a learning rate other than the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
     accel: str = "eager"
-    """How the fixed-shape steps run (:mod:`hifi.execution.fastpath`): the tunes, the generations and the
-    reference-guided loops; the results do not depend on it beyond floating-point rounding."""
+    """How the fixed-shape steps run (:func:`hifi.execution.edge.execution_for`): the tunes, the
+    generations and the reference-guided loops; the results do not depend on it beyond rounding."""
 
     def tune_config(self, method: Method) -> TuneConfig:
         assert method.mode is not None
@@ -154,27 +156,25 @@ class EvalSettings:
             steps=self.steps, lr=dict(self.learning_rates).get(method.mode),
             use_mask=method.use_mask, reg_weight=method.reg_weight,
             stepwise_steps=self.stepwise_steps if method.stepwise else 0, num_steps=self.num_steps, seed=self.seed,
-            accel=self.accel,
         )
 
 
 class Scorers:
-    """The metric models: DINO and CLIP embedders (``embed(images)``; CLIP also ``embed_text``)."""
+    """The metric models: DINO and CLIP embedders (``embed(images)``; CLIP also ``embed_text``).
+
+    Features come back as unit rows on the CPU, so that a dot product of two is their cosine.
+    """
 
     def __init__(self, dino: Any, clip: Any) -> None:
         self.dino, self.clip = dino, clip
 
     def image_features(self, images: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
-            return {"dino": _unit(self.dino.embed(images)), "clip": _unit(self.clip.embed(images))}
+            return {"dino": unit_rows(self.dino.embed(images).cpu()), "clip": unit_rows(self.clip.embed(images).cpu())}
 
     def text_features(self, texts: Sequence[str]) -> Tensor:
         with torch.no_grad():
-            return _unit(self.clip.embed_text(list(texts)))
-
-
-def _unit(x: Tensor) -> Tensor:
-    return torch.nn.functional.normalize(x.float().cpu(), dim=-1)
+            return unit_rows(self.clip.embed_text(list(texts)).cpu())
 
 
 SCORE_FIELDS = ("method", "subject", "class", "prompt_index", "prompt", "seed", "image", "dino", "clip_i", "clip_t")
@@ -207,10 +207,10 @@ def _reuse_equivalent_run(out: Path, method: Method, subject: str, settings: Eva
         if other.name == method.name or other.mode is None or settings.tune_config(other) != wanted:
             continue
         source = out / other.name / subject / "run"
-        if (source / "run.json").exists():
+        if (source / RUN_FILE).exists():
             tmp = run_dir.with_name(run_dir.name + ".copying")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint"))
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(CHECKPOINT_DIR))
             tmp.rename(run_dir)
             return
 
@@ -232,6 +232,8 @@ def _evaluate_subject(
         return [dict(r) for r in _read_csv(scores_file)]
     class_name = dataset.classes[subject_name]
     backend = backend_for()
+    execution = execution_for(backend, settings.accel)  # one per subject's backend: graphs captured once
+    model = execution.model(backend.denoise)
     files, real = _real_photos(dataset, subject_name, backend.resolution)
     real_feats = scorers.image_features(real)
     rows: list[dict[str, Any]] = []
@@ -251,15 +253,16 @@ def _evaluate_subject(
         subject = Subject.plain(class_name)  # the bare class word
     else:
         run_dir = folder / "run"
-        if not (run_dir / "run.json").exists():
+        if not (run_dir / RUN_FILE).exists():
             _reuse_equivalent_run(out, method, subject_name, settings, run_dir)
-        if not (run_dir / "run.json").exists():
+        if not (run_dir / RUN_FILE).exists():
             masks = settings.masks
             if masks not in ("none", "auto"):
                 masks = str(Path(masks) / subject_name)
             tune_to_run(backend, dataset.root / subject_name, class_name, run_dir,
                         config=settings.tune_config(method), masks=masks,
-                        resume=(run_dir / "checkpoint").exists(), samples=0, progress=progress)
+                        resume=(run_dir / CHECKPOINT_DIR).exists(), samples=0, progress=progress,
+                        accel=settings.accel)
         subject = apply_run(load_run(run_dir), backend)
     guide = method.reference and not dataset.is_live(subject_name)
     if guide:
@@ -276,12 +279,12 @@ def _evaluate_subject(
                 image = image_to_tensor(load_image(path), backend.resolution)
             else:
                 if guide:
-                    reference = attrs.evolve(settings.reference, accel=settings.accel)
                     image = reference_guided_generate(backend, subject, prompt, seed, references, perception,
-                                                      settings=reference).image.cpu()
+                                                      settings=settings.reference, model=model,
+                                                      optimiser=execution.runner).image.cpu()
                 else:
                     image = generate(backend, subject, prompt, [seed], num_steps=settings.num_steps,
-                                     accel=settings.accel).images[0].cpu()
+                                     model=model).images[0].cpu()
                 save_image(tensor_to_image(image), path)
             feats = scorers.image_features(image[None])
             rows.append({**base, "prompt_index": pi, "prompt": prompt.replace(SUBJECT_SLOT, class_name),

@@ -17,7 +17,7 @@ from torch import Tensor
 from hifi.algorithms.reference import References, prepare_references
 from hifi.errors import HifiError
 from hifi.io.images import image_to_tensor, list_images, load_image, mask_to_tensor
-from hifi.io.runs import Run
+from hifi.io.runs import MASKS_DIR, Run
 from hifi.perception import ImageEmbedder
 
 __all__ = ["SubjectPhotos", "load_references", "load_subject_photos"]
@@ -45,7 +45,7 @@ def load_subject_photos(
 
     ``masks`` is a folder holding a mask per photo under the same file stem (any image
     format; non-black pixels are the subject), ``"auto"`` for a segmenter's masks of
-    ``class_name`` (Grounded SAM, see :func:`hifi.perception_registry.auto_masks`), or
+    ``class_name`` (Grounded SAM, see :func:`hifi.perception.masks.auto_masks`), or
     ``"none"``/None for all-ones masks. Clear
     errors for a missing or empty folder, unreadable files, unmatched masks, empty masks.
     """
@@ -59,7 +59,7 @@ def load_subject_photos(
     if masks is None or str(masks) == "none":
         return SubjectPhotos(names, images, torch.ones(len(files), size, size), "none", tuple(warnings))
     if str(masks) == "auto":
-        from hifi.perception_registry import auto_masks
+        from hifi.perception.masks import auto_masks
 
         found = auto_masks(images, class_name or "")
         empty = [n for n, m in zip(names, found, strict=True) if not m.any()]
@@ -103,7 +103,9 @@ def load_references(run: Run, size: int, embedder: ImageEmbedder) -> tuple[Refer
         images.append(image_to_tensor(load_image(path), size))
         mask = mask_to_tensor(load_image(masks[path.stem], "L"), size) if path.stem in masks else None
         if mask is None or not bool(mask.any()):
-            warnings.append(f"{path.name} has no subject mask in {run.path / 'masks'}; the whole photo is its subject")
+            warnings.append(
+                f"{path.name} has no subject mask in {run.path / MASKS_DIR}; the whole photo is its subject"
+            )
             mask = torch.ones(size, size)
         mask_list.append(mask)
     refs = prepare_references(torch.stack(images), torch.stack(mask_list) > 0.5, [p.stem for p in sources], embedder)

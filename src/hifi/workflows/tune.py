@@ -7,7 +7,6 @@ warnings come back in the result, progress goes to an optional tqdm bar.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import attrs
@@ -16,22 +15,24 @@ from tqdm.auto import tqdm
 from hifi.algorithms.generate import generate
 from hifi.algorithms.tune import TuneConfig, caption_for, tune
 from hifi.errors import HifiError
-from hifi.execution.fastpath import check_accel
-from hifi.io.images import make_grid, save_image, tensor_to_image
-from hifi.io.runs import FolderCheckpointer, RunMeta, save_run, write_jsonl
+from hifi.execution.edge import execution_for
+from hifi.io.images import check_writable, make_grid, save_image, tensor_to_image
+from hifi.io.runs import (
+    CHECKPOINT_DIR,
+    LOSSES_FILE,
+    MASKS_DIR,
+    RUN_FILE,
+    SAMPLES_DIR,
+    SOURCES_DIR,
+    FolderCheckpointer,
+    RunMeta,
+    save_run,
+    write_jsonl,
+)
 from hifi.protocols.denoiser import DenoiserBackend
 from hifi.workflows.photos import load_subject_photos
 
 __all__ = ["TuneOutcome", "tune_to_run"]
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise HifiError(f"cannot write to {folder}: {err.strerror or err}") from err
 
 
 @attrs.frozen
@@ -52,24 +53,27 @@ def tune_to_run(
     resume: bool = False,
     samples: int = 2,
     progress: bool = False,
+    accel: str = "eager",
 ) -> TuneOutcome:
     """Tune on a folder of photos and write a run folder (see :mod:`hifi.io.runs`).
 
     With ``resume`` an interrupted tune in ``out`` continues from its last checkpoint
     (the result equals an uninterrupted run's on the CPU); without it, a folder that
-    already holds a run or a checkpoint is refused.
+    already holds a run or a checkpoint is refused. ``accel`` is the execution mode of the
+    c_s steps (:func:`hifi.execution.edge.execution_for`); it changes speed, not results
+    beyond rounding, and a run may resume under another mode.
     """
     config = config or TuneConfig()
     run_dir = Path(out)
     if not class_name.strip():
         raise HifiError("--class-name must not be empty")
-    check_accel(config.accel, backend.device)  # before anything is written
-    checkpointer = FolderCheckpointer(run_dir / "checkpoint")
-    if not resume and ((run_dir / "run.json").exists() or checkpointer.index.exists()):
+    execution = execution_for(backend, accel)  # before anything is written
+    checkpointer = FolderCheckpointer(run_dir / CHECKPOINT_DIR)
+    if not resume and ((run_dir / RUN_FILE).exists() or checkpointer.index.exists()):
         raise HifiError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    if resume and (run_dir / "run.json").exists() and not checkpointer.index.exists():
+    if resume and (run_dir / RUN_FILE).exists() and not checkpointer.index.exists():
         raise HifiError(f"{run_dir} holds a finished run: nothing to resume")
-    _check_writable(run_dir)
+    check_writable(run_dir)  # creates nothing: a failure below leaves no folder behind
     photos = load_subject_photos(subject_dir, backend.resolution, masks, class_name=class_name)
     total = config.total_steps + (config.stepwise_steps * config.num_steps if config.mode == "hifi" else 0)
     bar = tqdm(total=total, desc=f"tune {config.mode}", disable=not progress, unit="step", dynamic_ncols=True)
@@ -85,11 +89,12 @@ def tune_to_run(
         result = tune(
             backend, photos.images, class_name,
             masks=photos.masks if config.use_mask else None, config=config,
-            checkpointer=checkpointer, on_step=on_step,
+            checkpointer=checkpointer, on_step=on_step, model=execution.model(backend.denoise),
+            optimiser=execution.runner,
         )
     finally:
         bar.close()
-    for folder, tensors, names in (("sources", photos.images, photos.names), ("masks", photos.masks, photos.names)):
+    for folder, tensors, names in ((SOURCES_DIR, photos.images, photos.names), (MASKS_DIR, photos.masks, photos.names)):
         for name, t in zip(names, tensors, strict=True):
             save_image(tensor_to_image(t), run_dir / folder / f"{name}.png")
     meta = RunMeta(
@@ -98,14 +103,14 @@ def tune_to_run(
         max_length=backend.max_length, schedule=backend.schedule.to_config(), num_steps=config.num_steps,
         sources=photos.names, masks=photos.mask_source if config.use_mask else "none", config=config.resolved(),
     )
-    write_jsonl(run_dir / "losses.jsonl", result.losses)
+    write_jsonl(run_dir / LOSSES_FILE, result.losses)
     if samples > 0:
         gen = generate(backend, result.subject, caption_for("hifi", class_name), list(range(samples)),
                        num_steps=config.num_steps)
         images = [tensor_to_image(x) for x in gen.images]
         for seed, im in zip(gen.seeds, images, strict=True):
-            save_image(im, run_dir / "samples" / f"seed{seed}.png")
-        save_image(make_grid(images, cols=len(images)), run_dir / "samples" / "grid.png")
+            save_image(im, run_dir / SAMPLES_DIR / f"seed{seed}.png")
+        save_image(make_grid(images, cols=len(images)), run_dir / SAMPLES_DIR / "grid.png")
     save_run(run_dir, result.subject, meta, denoiser_state=result.denoiser_state)
     checkpointer.clear()
     final = result.losses[-1]["loss"] if result.losses else None

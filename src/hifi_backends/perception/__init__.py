@@ -1,7 +1,7 @@
 """Perception models with weights, behind :mod:`hifi.perception`'s protocols (Section 3.3).
 
 Registered in the ``hifi.segmenters``, ``hifi.embedders`` and ``hifi.captioners``
-entry-point groups, so that :mod:`hifi.perception_registry` finds them by name:
+entry-point groups, so that :mod:`hifi.perception.registry` finds them by name:
 
 - segmenters ``grounded-sam`` (Grounding DINO boxes for the subject name, then SAM
   masks: ``$HIFI_GROUNDING_DINO_MODEL`` and ``$HIFI_SAM_MODEL``) and ``sam`` (the same with
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hifi.perception_registry import RANDOM_TINY
+from hifi.perception.models import RANDOM_TINY
 from hifi_backends.perception.blip import BlipCaptioner, build_blip2_captioner, build_blip_captioner
 from hifi_backends.perception.clip import ClipEmbedder, build_clip_embedder
 from hifi_backends.perception.dino import DinoEmbedder, build_dino_embedder

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hifi.errors import HifiError
-from hifi.perception_registry import BLIP2_MODEL_ENV, BLIP_MODEL_ENV, ModelSlot
+from hifi.perception.models import BLIP2_MODEL_ENV, BLIP_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
     load_image_text_model,
     pick_device,

@@ -9,7 +9,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from hifi.perception_registry import CLIP_MODEL_ENV, ModelSlot
+from hifi.perception.models import CLIP_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
     load_image_text_model,
     pick_device,

@@ -12,7 +12,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from hifi.perception_registry import DINO_MODEL_ENV, ModelSlot
+from hifi.perception.models import DINO_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
     is_random,
     load_pretrained,

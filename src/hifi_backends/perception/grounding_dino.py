@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hifi.errors import HifiError
-from hifi.perception_registry import GROUNDING_DINO_MODEL_ENV, ModelSlot
+from hifi.perception.models import GROUNDING_DINO_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
     is_random,
     load_pretrained,

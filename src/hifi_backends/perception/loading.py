@@ -19,8 +19,8 @@ import attrs
 import torch
 
 from hifi.errors import HifiError, ModelNotFoundError
-from hifi.perception_registry import RANDOM_TINY, ModelSlot, default_device, looks_like_path
-from hifi.registry import check_device
+from hifi.perception.models import RANDOM_TINY, BundledModel, ModelSlot, looks_like_path
+from hifi.registry import check_device, default_device
 from hifi_backends.perception.pixels import PixelConfig
 
 __all__ = [
@@ -45,7 +45,7 @@ M = TypeVar("M", bound=torch.nn.Module)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def with_slots(*slots: ModelSlot) -> Callable[[F], F]:
+def with_slots(*slots: ModelSlot | BundledModel) -> Callable[[F], F]:
     """Declare the weights a factory loads (``factory.model_slots``, read by ``hifi doctor``)."""
 
     def mark(factory: F) -> F:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hifi.errors import HifiError
-from hifi.perception_registry import SAM_CHECKPOINT_ENV, SAM_MODEL_ENV, ModelSlot
+from hifi.perception.models import SAM_CHECKPOINT_ENV, SAM_MODEL_ENV, ModelSlot
 from hifi_backends.perception.loading import (
     is_random,
     load_pretrained,

@@ -6,7 +6,7 @@ generic backend code loads it. ToyCLIP is a transformers ``CLIPModel`` with smal
 the UNet attends to its text tower. The metric ToyCLIP pairs that text tower
 (``CLIPTextModelWithProjection``) with a small CNN image tower (:class:`ClipImageTower`),
 because CLIP's ViT tower did not learn object shapes on this machine's budget (see
-:func:`hifi_backends.toy.train.stage_clip_metric`).
+:func:`hifi_backends.toy.training.towers.stage_clip_metric`).
 The identity embedder (DINO's role) and the segmenter (Grounded SAM's role) are small
 convolutional networks defined here, saved as safetensors plus a JSON config.
 """

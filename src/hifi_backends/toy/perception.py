@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hifi.errors import ModelNotFoundError
-from hifi_backends.toy.backend import bundle_path
+from hifi.perception.models import BundledModel
+from hifi_backends.perception.loading import with_slots
+from hifi_backends.toy.backend import BUNDLE, bundle_path
 from hifi_backends.toy.models import ClipImageTower, IdentityNet, MaskNet
 
 __all__ = [
@@ -126,12 +128,14 @@ def load_toyclip(model: str | None = None, device: str | None = None) -> ToyClip
     return ToyClipEmbedder(text.eval().requires_grad_(False).to(device or "cpu"), image, tokenizer)
 
 
+@with_slots(BundledModel("ToyCLIP text and image towers (trained)", BUNDLE))
 def build_toyclip(*, model: str | None = None, device: str | None = None, backend: Any = None,
                   **_: Any) -> ToyClipEmbedder:
     """Registry entry ``toyclip`` (embedder)."""
     return load_toyclip(_toy_folder(model, backend), device)
 
 
+@with_slots(BundledModel("ToyWorld identity embedder (trained)", BUNDLE))
 def build_toy_identity(*, model: str | None = None, device: str | None = None, backend: Any = None,
                        **_: Any) -> ToyIdentityEmbedder:
     """Registry entry ``toy-id`` (embedder): DINO's role in ToyWorld."""
@@ -139,6 +143,7 @@ def build_toy_identity(*, model: str | None = None, device: str | None = None, b
                                            device or "cpu"))
 
 
+@with_slots(BundledModel("ToyWorld segmenter (trained)", BUNDLE))
 def build_toy_segmenter(*, model: str | None = None, device: str | None = None, backend: Any = None,
                         **_: Any) -> ToySegmenter:
     """Registry entry ``toy-seg`` (segmenter): Grounded SAM's role in ToyWorld."""

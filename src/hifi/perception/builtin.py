@@ -1,28 +1,26 @@
-"""Perception for reference-guided generation (Section 3.3): find the subject, compare photos, caption them.
+"""The weight-free perception models, so that reference-guided generation runs on any backend.
 
-Algorithm 2 needs three models besides the denoiser: a segmenter for the subject mask M_g
-of the generated image I_g1 (Grounding SAM in the paper), an image embedder to choose the
-reference photo I_r (DINO ViT-S/16) and a captioner for the inversion prompt c_r (BLIP-2).
-They are narrow protocols here (:class:`Segmenter`, :class:`ImageEmbedder`,
-:class:`Captioner`), bundled as :class:`Perception`. The implementations in this module
-need no weights beyond the backend's own, so the whole pipeline runs on any backend:
+They implement the protocols of :mod:`hifi.protocols.perception` and need no weights
+beyond the backend's own:
 
 - :class:`AttentionSegmenter`: the cross-attention maps of the subject tokens recorded
   while I_g1 was generated (Figure 3: late in denoising the c_s tokens are attended by the
   subject's regions), thresholded (Otsu) and cleaned (largest component, holes filled).
+- :class:`FolderSegmenter`: masks read from a folder instead of computed.
 - :class:`VaeLatentEmbedder`: pooled statistics of the backend's own VAE latents.
 - :class:`TemplateCaptioner`: ``"a photo of a <class>"``.
 
 The source photos need no segmenter: their masks are the ones the run was tuned with.
 
-:func:`observed_attention` records cross-attention without changing a single number of the
-computation, so that I_g1 drawn while recording is exactly the plain Eq. 7 image.
+:func:`hifi.algorithms.attention.observed_attention` records cross-attention without
+changing a single number of the computation, so that I_g1 drawn while recording is exactly
+the plain Eq. 7 image; :func:`subject_attention` reads the subject tokens' maps from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from pathlib import Path
 
 import attrs
 import torch
@@ -31,81 +29,20 @@ from torch import Tensor
 
 from hifi.algorithms.attention import AttentionStore
 from hifi.errors import HifiError
+from hifi.io.images import list_images, load_image, mask_to_tensor
+from hifi.kernels.morphology import fill_holes, largest_component, otsu_threshold
+from hifi.kernels.similarity import unit_rows
 from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.perception import Perception
 
 __all__ = [
     "AttentionSegmenter",
-    "Captioner",
-    "ImageEmbedder",
-    "Perception",
-    "Segmenter",
+    "FolderSegmenter",
     "TemplateCaptioner",
     "VaeLatentEmbedder",
     "default_perception",
-    "fill_holes",
-    "largest_component",
-    "otsu_threshold",
     "subject_attention",
 ]
-
-
-@runtime_checkable
-class Segmenter(Protocol):
-    """Finds the subject in generated images (M_g of Section 3.3)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def wants_attention(self) -> bool:
-        """True when :meth:`segment` reads the subject tokens' cross-attention maps, which the
-        pipeline then records while it generates the image."""
-        ...
-
-    def segment(self, images: Tensor, class_name: str, attention: Tensor | None = None) -> Tensor:
-        """Boolean subject masks ``[B, H, W]`` for images ``[B, 3, H, W]`` in [-1, 1].
-
-        ``attention`` is ``[B, h, w]``, the subject tokens' cross-attention averaged over
-        layers and the recorded steps (see :func:`subject_attention`), or None when it was
-        not recorded. An image without the subject gets an all-False mask.
-        """
-        ...
-
-
-@runtime_checkable
-class ImageEmbedder(Protocol):
-    """Image embeddings whose cosine similarity measures subject resemblance (DINO in the paper)."""
-
-    @property
-    def name(self) -> str: ...
-
-    def embed(self, images: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in [-1, 1] -> float32 embeddings ``[B, D]``."""
-        ...
-
-
-@runtime_checkable
-class Captioner(Protocol):
-    """Captions for the reference photo, the prompt c_r of its inversion (BLIP-2 in the paper)."""
-
-    @property
-    def name(self) -> str: ...
-
-    def caption(self, images: Tensor, class_name: str) -> list[str]:
-        """One caption per image ``[B, 3, H, W]`` in [-1, 1]."""
-        ...
-
-
-@attrs.frozen
-class Perception:
-    """The three perception models reference-guided generation calls."""
-
-    segmenter: Segmenter
-    embedder: ImageEmbedder
-    captioner: Captioner
-
-    def describe(self) -> dict[str, str]:
-        return {"segmenter": self.segmenter.name, "embedder": self.embedder.name, "captioner": self.captioner.name}
 
 
 def default_perception(backend: DenoiserBackend) -> Perception:
@@ -129,67 +66,7 @@ def subject_attention(store: AttentionStore, positions: Sequence[int], batch: in
     return maps[-batch:][..., list(positions)].float().mean(dim=-1)
 
 
-# Segmenter -------------------------------------------------------------------------------
-
-
-def otsu_threshold(values: Tensor, bins: int = 64) -> float:
-    """Otsu's threshold of values in [0, 1]: the cut maximising the between-class variance."""
-    hist = torch.histc(values.float().flatten(), bins=bins, min=0.0, max=1.0)
-    p = hist / hist.sum()
-    centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
-    w0 = p.cumsum(0)
-    m0 = (p * centres).cumsum(0)
-    mean = m0[-1]
-    between = (mean * w0 - m0) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
-    return float((int(between[:-1].argmax()) + 1) / bins)
-
-
-def _dilate(mask: Tensor, cross: bool) -> Tensor:
-    """One dilation of a ``[h, w]`` bool mask, 8-connected (3x3) or 4-connected (cross)."""
-    if not cross:
-        return F.max_pool2d(mask[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
-    out = mask.clone()
-    out[1:] |= mask[:-1]
-    out[:-1] |= mask[1:]
-    out[:, 1:] |= mask[:, :-1]
-    out[:, :-1] |= mask[:, 1:]
-    return out
-
-
-def largest_component(mask: Tensor) -> Tensor:
-    """The largest 8-connected component of a ``[h, w]`` bool mask (all False if empty).
-
-    Labels spread by repeated 3x3 max-pooling within the mask until they settle: fine for
-    the attention grids this is meant for (at most 64 x 64).
-    """
-    if not bool(mask.any()):
-        return mask.clone()
-    h, w = mask.shape
-    inside = mask.float()
-    labels = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(h, w) * inside
-    while True:
-        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * inside
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    ids = labels.long().flatten()
-    counts = torch.bincount(ids, minlength=h * w + 1)
-    counts[0] = 0
-    return labels.long() == int(counts.argmax())
-
-
-def fill_holes(mask: Tensor) -> Tensor:
-    """Fill the background regions of a ``[h, w]`` bool mask that do not touch the border."""
-    background = ~mask
-    border = torch.zeros_like(mask)
-    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
-    outside = background & border
-    while True:
-        grown = _dilate(outside, cross=True) & background
-        if torch.equal(grown, outside):
-            break
-        outside = grown
-    return ~outside
+# Segmenters ------------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -234,6 +111,34 @@ class AttentionSegmenter:
         return fill_holes(largest_component(mask)).to(attention.device)
 
 
+@attrs.frozen
+class FolderSegmenter:
+    """Masks read from a folder instead of computed: one mask image per photo, same file stem.
+
+    ``names`` picks the masks (in order) for the images of each :meth:`segment` call;
+    without it every mask in the folder is used, sorted by file name. Any non-black
+    pixel is subject; masks are resized (nearest) to the images.
+    """
+
+    folder: Path
+    names: tuple[str, ...] | None = None
+    name: str = "folder"
+    wants_attention: bool = False
+
+    def segment(self, images: Tensor, class_name: str, attention: Tensor | None = None) -> Tensor:
+        files = {f.stem: f for f in list_images(self.folder)}
+        names = self.names if self.names is not None else tuple(sorted(files))
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise HifiError(f"no mask for {', '.join(missing)} in {self.folder}")
+        if len(names) != images.shape[0]:
+            raise HifiError(f"{len(names)} masks in {self.folder} for {images.shape[0]} images")
+        h, w = images.shape[-2:]
+        masks = torch.stack([mask_to_tensor(load_image(files[n], "L"), max(h, w)) for n in names])
+        masks = F.interpolate(masks[:, None], size=(h, w), mode="nearest")[:, 0]
+        return (masks > 0.5).to(images.device)
+
+
 # Embedder --------------------------------------------------------------------------------
 
 
@@ -250,7 +155,7 @@ class VaeLatentEmbedder:
     the shifts that the similarity transform corrects anyway) and the channel covariance
     (a Gram matrix: texture, independent of position), each block L2-normalised so that
     none dominates the cosine. It sees colour and texture, not semantics as DINO does; a
-    real DINO embedder plugs in through :class:`ImageEmbedder`.
+    real DINO embedder plugs in through :class:`~hifi.protocols.perception.ImageEmbedder`.
     """
 
     backend: DenoiserBackend
@@ -264,7 +169,7 @@ class VaeLatentEmbedder:
         flat = latents.flatten(2)
         centred = flat - flat.mean(dim=-1, keepdim=True)
         blocks.append((centred @ centred.transpose(1, 2) / flat.shape[-1]).flatten(1))
-        return torch.cat([F.normalize(b, dim=-1) for b in blocks], dim=-1)
+        return torch.cat([unit_rows(b) for b in blocks], dim=-1)
 
 
 # Captioner -------------------------------------------------------------------------------
