@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from hifi.algorithms.tune import TuneConfig, tune
 from hifi.algorithms.tune_hifi import c_s_loss
 from hifi.execution.edge import Bound, Execution, adam_steps
 from hifi.execution.fastpath import ACCEL_MODES
+from hifi.execution.memory import peak_memory, reset_peak_memory
 from hifi.io.images import atomic_path, write_json
 from hifi.kernels.ddim import DdimGrid, add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import ridge_to_null, splice_subject, subject_slots
@@ -49,15 +49,12 @@ def _sync(backend: DenoiserBackend) -> None:
 
 
 def _peak_mb(backend: DenoiserBackend) -> float:
-    if backend.device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float(peak_memory(backend.device)["peak_mb"])
 
 
 def timed(backend: DenoiserBackend, fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs (GPU peak memory reset first)."""
-    if backend.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(backend.device)
     for _ in range(warmup):
         fn()
     _sync(backend)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -176,6 +177,7 @@ def test_tune_command_writes_a_documented_run(tmp_path, capsys):
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["backend"] == "tiny" and meta["masks"] == "folder" and meta["num_tokens"] == 5
     assert meta["config"]["steps"] == 6 and meta["config"]["lr"] == 5e-3
+    assert meta["peak_memory"]["device"] == "cpu" and meta["peak_memory"]["peak_mb"] > 0
     assert len((run_dir / "losses.jsonl").read_text().splitlines()) == 6 + 3
     run = load_run(run_dir)
     assert run.subject.c_s.shape == (5, 32) and len(run.subject.stepwise) == 3
@@ -277,3 +279,22 @@ def test_masks_auto_runs_grounded_sam(tmp_path, monkeypatch):
     assert _tune_cli(tmp_path, photos_dir=photos, masks="auto") == 0
     assert json.loads((tmp_path / "run" / "run.json").read_text())["masks"] == "auto"
     assert len(list((tmp_path / "run" / "masks").glob("*.png"))) == 3
+
+
+def test_dreambooth_with_gradient_checkpointing_learns_the_same_denoiser(tiny):
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 3, tiny.resolution, tiny.resolution, generator=g) * 2 - 1
+    config = TuneConfig(mode="dreambooth", steps=3)
+    start = {k: v.clone() for k, v in tiny.denoiser_state().items()}
+    try:
+        plain = tune(tiny, images, "dog", config=config)
+        tiny.load_denoiser_state(start)
+        checkpointed = tune(tiny, images, "dog", config=attrs.evolve(config, gradient_checkpointing=True))
+    finally:
+        tiny.load_denoiser_state(start)
+    assert not tiny.unet.is_gradient_checkpointing, "switched off again after the tune"
+    assert [r["loss"] for r in checkpointed.losses] == pytest.approx([r["loss"] for r in plain.losses], rel=1e-5)
+    for name, value in plain.denoiser_state.items():
+        torch.testing.assert_close(checkpointed.denoiser_state[name], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(HifiError, match="applies to --mode dreambooth"):
+        TuneConfig(gradient_checkpointing=True)

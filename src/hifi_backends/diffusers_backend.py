@@ -186,6 +186,13 @@ class DiffusersBackend:
         timestep = torch.as_tensor(t, device=x_t.device)
         return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute the UNet's block activations in the backward pass (DreamBooth on less memory)."""
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
     def set_channels_last(self, on: bool = True) -> None:
         """Hold the UNet's weights channels-last (NHWC) or back in the default layout.
 

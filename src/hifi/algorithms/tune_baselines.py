@@ -19,7 +19,7 @@ from hifi.algorithms.subject import PLACEHOLDER, Subject, textual_inversion
 from hifi.algorithms.tune_loop import TuneConfig, TuneLoop, adam_state, caption_for, check_loss
 from hifi.errors import HifiError
 from hifi.kernels.losses import noise_loss
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, GradientCheckpointingBackend
 
 __all__ = ["class_prior", "tune_classic_ti", "tune_dreambooth"]
 
@@ -73,6 +73,9 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
         c = backend.encode_text([caption_for("dreambooth", class_name)])
         c_prior = backend.encode_text([f"a {class_name}"])
     prior = class_prior(backend, class_name, cfg) if cfg.prior_preservation else None
+    checkpointing = backend if isinstance(backend, GradientCheckpointingBackend) else None
+    if cfg.gradient_checkpointing and checkpointing is None:
+        raise HifiError(f"backend {backend.name!r} cannot checkpoint its denoiser's activations")
     params = list(backend.trainable_parameters())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     first = 0
@@ -83,6 +86,8 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
         first = int(resume["step"])
     for p in params:
         p.requires_grad_(True)
+    if cfg.gradient_checkpointing and checkpointing is not None:
+        checkpointing.set_gradient_checkpointing(True)
     try:
         for step in range(first, cfg.total_steps):
             x_t, ts, target = loop.noisy_batch()
@@ -98,6 +103,8 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
                 loop.save({"stage": "global", "step": step + 1, "denoiser": backend.denoiser_state(),
                            "optimizer": adam_state(opt)})
     finally:
+        if cfg.gradient_checkpointing and checkpointing is not None:
+            checkpointing.set_gradient_checkpointing(False)
         for p in params:
             p.requires_grad_(False)
     return {k: v.clone() for k, v in backend.denoiser_state().items()}

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode, steps=args.steps, lr=args.lr, num_tokens=args.tokens, reg_weight=args.reg_weight,
         use_mask=not args.no_mask, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps,
         seed=args.seed, checkpoint_every=args.checkpoint_every, prior_preservation=args.prior_preservation,
-        num_class_images=args.class_images,
+        num_class_images=args.class_images, gradient_checkpointing=args.gradient_checkpointing,
     )
     check_tune_config(config, args.out)  # before a model loads
     backend = backend_from_args(args)
@@ -56,6 +56,8 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted tune in --out")
     p.add_argument("--prior-preservation", action="store_true", help="dreambooth: prior-preservation loss")
     p.add_argument("--class-images", type=int, default=4, help="dreambooth: class images for the prior")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="dreambooth: recompute the UNet's activations in the backward pass (less memory, slower)")
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
                    help="how the c_s steps run: eager (default), compile (torch.compile),"
                         " graph (CUDA graph, UNet channels-last)")

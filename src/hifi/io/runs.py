@@ -91,6 +91,8 @@ class RunMeta:
     masks: str
     """``"none"`` (all-ones), ``"folder"`` or ``"auto"``."""
     config: dict[str, Any] = attrs.field(factory=dict)
+    peak_memory: dict[str, Any] = attrs.field(factory=dict)
+    """How much memory the tune took (:func:`hifi.execution.memory.peak_memory`); empty in older runs."""
     version: str = __version__
 
     def to_json(self) -> dict[str, Any]:

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from hifi.kernels.ddim import Schedule
 
-__all__ = ["ChannelsLastBackend", "DenoiserBackend", "Model", "TextualInversionBackend", "VocabularyBackend"]
+__all__ = [
+    "ChannelsLastBackend",
+    "DenoiserBackend",
+    "GradientCheckpointingBackend",
+    "Model",
+    "TextualInversionBackend",
+    "VocabularyBackend",
+]
 
 Model = Callable[[Tensor, Any, Tensor], Tensor]
 """The model callable the algorithms run: ``model(x_t, t, cond) -> output`` (a backend's
@@ -122,6 +129,15 @@ class TextualInversionBackend(Protocol):
 
     def input_embedding(self, word: str) -> Tensor:
         """The input-embedding vector ``[D_in]`` of a one-token word; a HifiError for other words."""
+        ...
+
+
+@runtime_checkable
+class GradientCheckpointingBackend(Protocol):
+    """A backend whose denoiser can recompute activations in the backward pass instead of keeping them."""
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Switch gradient checkpointing of the denoiser on or off (same gradients, less memory, more time)."""
         ...
 
 

@@ -16,6 +16,7 @@ from hifi.algorithms.generate import generate
 from hifi.algorithms.tune import TuneConfig, caption_for, tune
 from hifi.errors import HifiError
 from hifi.execution.edge import execution_for
+from hifi.execution.memory import peak_memory, reset_peak_memory
 from hifi.io.images import check_writable, make_grid, save_image, tensor_to_image
 from hifi.io.runs import (
     CHECKPOINT_DIR,
@@ -85,6 +86,7 @@ def tune_to_run(
     resumed_state = checkpointer.load() if resume else None
     if resumed_state is not None:
         bar.update(len(resumed_state.get("losses", [])))
+    reset_peak_memory(backend.device)
     try:
         result = tune(
             backend, photos.images, class_name,
@@ -102,6 +104,7 @@ def tune_to_run(
         caption=result.caption, num_tokens=result.subject.num_tokens, text_width=backend.text_width,
         max_length=backend.max_length, schedule=backend.schedule.to_config(), num_steps=config.num_steps,
         sources=photos.names, masks=photos.mask_source if config.use_mask else "none", config=config.resolved(),
+        peak_memory=peak_memory(backend.device),
     )
     write_jsonl(run_dir / LOSSES_FILE, result.losses)
     if samples > 0:

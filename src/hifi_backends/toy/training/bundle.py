@@ -46,7 +46,9 @@ def stage_bundle(work: Path, out: Path, s: TrainSettings, report: dict[str, Any]
     half = {"safe_serialization": True}
     vae.half().save_pretrained(tmp / "vae", **half)
     UNet2DConditionModel.from_pretrained(work / "unet").half().save_pretrained(tmp / "unet", **half)
-    CLIPTextModel.from_pretrained(work / "text_encoder").half().save_pretrained(tmp / "text_encoder", **half)
+    # The text encoder stays float32: transformers loads a model in its stored dtype and diffusers in
+    # float32, so a float16 text encoder fails a stock StableDiffusionPipeline's first step (0.4 MB more).
+    CLIPTextModel.from_pretrained(work / "text_encoder").float().save_pretrained(tmp / "text_encoder", **half)
     (tmp / "toyclip").mkdir()
     CLIPTextModelWithProjection.from_pretrained(work / "toyclip_metric" / "text").half().save_pretrained(
         tmp / "toyclip" / "text", **half)
