@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.report import save_result
 from hifi import load_backend
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
 from hifi.execution.edge import Execution, adam_steps
-from hifi.io.images import atomic_path, write_json
 from hifi.kernels.ddim import DdimGrid
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure(backend_name: str = "tiny", num_steps: int = 10, inner_steps: int = 10, calls: int = 3) -> dict[str, Any]:
@@ -82,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if args.name:
-        write_json(RESULTS / f"{args.name}.json", result)
-        with atomic_path(RESULTS / f"{args.name}.md") as tmp:
-            tmp.write_text(text)
+        save_result(args.name, result, text)
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import save_result
 from hifi import load_backend
 from hifi.algorithms.guidance import reference_guided_sample
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
@@ -35,12 +36,10 @@ from hifi.algorithms.tune_hifi import c_s_loss
 from hifi.execution.edge import Bound, Execution, adam_steps
 from hifi.execution.fastpath import ACCEL_MODES
 from hifi.execution.memory import peak_memory, reset_peak_memory
-from hifi.io.images import atomic_path, write_json
+from hifi.io.images import atomic_path
 from hifi.kernels.ddim import DdimGrid, add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import ridge_to_null, splice_subject, subject_slots
 from hifi.protocols.denoiser import DenoiserBackend, TextualInversionBackend
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _sync(backend: DenoiserBackend) -> None:
@@ -439,12 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                  naive_loops=not args.no_naive_loops, full_tune=args.full_tune,
                  full_tune_only=tuple(args.full_tune_only or ()), only=args.only)
     name = args.name or (f"{args.arch}-{backend.device.type}" if args.arch else f"{args.backend}-{backend.device.type}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{name}.json", result)
-    with atomic_path(RESULTS / f"{name}.md") as tmp:
-        tmp.write_text(to_markdown(result))
+    wrote = save_result(name, result, to_markdown(result))
     print(to_markdown(result))
-    print(json.dumps({"wrote": str(RESULTS / f"{name}.json")}))
+    print(json.dumps({"wrote": str(wrote)}))
     return 0
 
 

@@ -38,7 +38,7 @@ from hifi.toyworld.subjects import SUBJECTS, export_dataset
 from hifi.workflows.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth
 
 TABLE1 = ("real", "no-tuning", "ti", "hifi", "dreambooth", "dreambooth-ref")
-TABLE2 = ("ti", "ti-mask", "hifi-reg", "hifi-stepwise", "hifi", "dreambooth", "dreambooth-ref")
+TABLE2 = ("ti", "ti-mask", "hifi-reg", "hifi-stepwise", "hifi", "dreambooth", "dreambooth-ref", "dreambooth-lora")
 ROWS = tuple(dict.fromkeys(TABLE1 + TABLE2))
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_NAMES = {"dino": "identity (DINO's role)", "clip_i": "ToyCLIP-I", "clip_t": "ToyCLIP-T"}

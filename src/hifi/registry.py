@@ -18,6 +18,7 @@ from hifi.protocols.perception import PerceptionPreferences
 
 __all__ = [
     "available_backends",
+    "backend_options",
     "backend_perception_defaults",
     "check_device",
     "default_device",
@@ -72,6 +73,18 @@ def check_device(device: Any) -> None:
                             f" {torch.cuda.device_count()} CUDA device(s)")
     elif where.type == "mps" and not torch.backends.mps.is_available():
         raise HifiError(f"device {str(device)!r} was asked for, but this machine has no MPS device; use --device cpu")
+
+
+def backend_options(model: str | None) -> dict[str, Any]:
+    """The factory options a model id names: ``random:tiny`` or ``random:tiny:SEED`` (how a run
+    records the tiny backend, whose weights are its seed) is ``seed``, any other id ``model``."""
+    if model and model.startswith("random:tiny"):
+        seed = model.removeprefix("random:tiny").removeprefix(":") or "0"
+        if not seed.isdigit():
+            raise HifiError(f"model {model!r}: the tiny backend's model is random:tiny or random:tiny:SEED,"
+                            " SEED a whole number >= 0")
+        return {"seed": int(seed)}
+    return {"model": model} if model else {}
 
 
 def load_backend(name: str, **options: Any) -> DenoiserBackend:

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -29,11 +32,19 @@ one is a word list (the ``tiny`` and ``toy`` backends', :mod:`hifi_backends.toke
 words are single tokens, and any other word falls apart into pieces the model never saw."""
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+"""The UNet modules LoRA adapts: every attention's projections, as diffusers' train_dreambooth_lora does."""
+
+LORA_PREFIX = "unet"
+"""The key prefix of the UNet's adapters in a ``load_lora_weights`` file (``StableDiffusionPipeline.unet_name``)."""
+
+
 class DiffusersBackend:
     """A latent diffusion model made of a UNet, a VAE, a CLIP text encoder and a tokenizer.
 
     All weights are frozen (``requires_grad=False``) and in eval mode; an algorithm that
-    fine-tunes the denoiser switches its parameters on through :meth:`trainable_parameters`.
+    fine-tunes the denoiser switches its parameters on through :meth:`trainable_parameters`
+    (or, for LoRA adapters from :meth:`add_lora`, :meth:`lora_parameters`).
     """
 
     def __init__(
@@ -224,6 +235,52 @@ class DiffusersBackend:
                 f"denoiser weights do not fit this backend ({len(missing)} missing,"
                 f" {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
             )
+
+    # LoRA (:class:`hifi.protocols.denoiser.LoraBackend`) -----------------------------------
+    def add_lora(self, rank: int, seed: int) -> None:
+        """Fresh peft adapters of rank ``rank`` (alpha = rank, gaussian A, zero B) on :data:`LORA_TARGETS`.
+
+        They are held in float32 whatever the UNet's precision, as diffusers' example trains them.
+        """
+        self.remove_lora()
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights="gaussian")
+        with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU from the global generator
+            torch.manual_seed(seed)
+            self.unet.add_adapter(config)
+        for p in self.lora_parameters():
+            p.data = p.data.float()
+        self._freeze_lora()
+
+    def lora_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for name, p in self.unet.named_parameters() if ".lora_" in name)
+
+    def lora_state(self) -> dict[str, Tensor]:
+        adapters = list(getattr(self.unet, "peft_config", {}))
+        if not adapters:
+            raise HifiError("the denoiser carries no LoRA")
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=adapters[0]))
+        return {f"{LORA_PREFIX}.{k}": v.detach() for k, v in state.items()}
+
+    def load_lora_state(self, state: Mapping[str, Tensor]) -> None:
+        self.remove_lora()
+        if not any(k.startswith(f"{LORA_PREFIX}.") for k in state):
+            raise HifiError(f"the LoRA weights hold no {LORA_PREFIX}.* keys: not a UNet LoRA")
+        try:
+            self.unet.load_lora_adapter(dict(state), prefix=LORA_PREFIX)
+        except (ValueError, RuntimeError) as err:
+            self.remove_lora()
+            detail = str(err).strip().splitlines()[-1].strip()  # torch's last line: one mismatch, named
+            raise HifiError(f"the LoRA weights do not fit this backend's UNet ({detail})") from err
+        self._freeze_lora()
+
+    def remove_lora(self) -> None:
+        if hasattr(self.unet, "peft_config"):  # empty after a failed load, which may leave adapter layers
+            self.unet.unload_lora()
+
+    def _freeze_lora(self) -> None:
+        """Adapters frozen like every other weight here: a tune switches on what it trains."""
+        for p in self.lora_parameters():
+            p.requires_grad_(False)
 
     # VAE ------------------------------------------------------------------------------
     def encode_images(self, images: Tensor) -> Tensor:

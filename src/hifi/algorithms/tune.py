@@ -2,8 +2,8 @@
 
 The modes: ``hifi`` (c_s by Eq. 5 and 6, then step-wise c_s^t by Algorithm 1:
 :mod:`hifi.algorithms.tune_hifi`), and the baselines ``classic-ti`` (Eq. 2) and
-``dreambooth`` (:mod:`hifi.algorithms.tune_baselines`). Settings, loop state and
-checkpointing are in :mod:`hifi.algorithms.tune_loop`.
+``dreambooth`` (the whole denoiser, or LoRA adapters: :mod:`hifi.algorithms.tune_baselines`).
+Settings, loop state and checkpointing are in :mod:`hifi.algorithms.tune_loop`.
 
 Costs kept out of the loops: the caption is encoded once (the text encoder never runs
 inside the HiFi and DreamBooth loops; it must for classic TI, which learns an *input*
@@ -32,12 +32,14 @@ __all__ = ["Checkpointer", "TuneConfig", "TuneResult", "caption_for", "tune"]
 
 @attrs.frozen(eq=False)
 class TuneResult:
-    """The learned subject, the loss log, and (dreambooth) the fine-tuned denoiser weights."""
+    """The learned subject, the loss log, and (dreambooth) the fine-tuned denoiser weights or LoRA adapters."""
 
     subject: Subject
     losses: list[dict[str, Any]]
     caption: str
     denoiser_state: dict[str, Tensor] | None = None
+    lora_state: dict[str, Tensor] | None = None
+    """DreamBooth with ``lora_rank``: the adapters, in diffusers' ``load_lora_weights`` layout."""
 
 
 
@@ -57,7 +59,8 @@ def tune(
 
     Args:
         backend: the model (its weights stay frozen except in ``dreambooth`` mode, which
-            fine-tunes the backend's denoiser in place).
+            fine-tunes the backend's denoiser in place, or with ``lora_rank`` leaves the trained
+            LoRA adapters on it).
         images: ``[B, 3, H, W]`` in [-1, 1] at the backend's resolution, B = 3..6 photos.
         class_name: the subject's class word ("dog").
         masks: ``[B, H, W]`` subject masks in {0, 1} (None: all ones).
@@ -92,12 +95,14 @@ def tune(
             f" a new run folder (saved: {resume.get('config')}, now: {config.resolved()})"
         )
     caption = caption_for(config.mode, class_name)
-    denoiser_state = None
+    denoiser_state = lora_state = None
     if config.mode == "hifi":
         subject = attrs.evolve(tune_hifi(loop, caption, optimiser, resume), class_name=class_name)
     elif config.mode == "classic-ti":
         subject = tune_classic_ti(loop, class_name, resume)
     else:
-        denoiser_state = tune_dreambooth(loop, class_name, resume)
+        weights = tune_dreambooth(loop, class_name, resume)
+        denoiser_state, lora_state = (weights, None) if config.lora_rank is None else (None, weights)
         subject = Subject(class_name=class_name, mode="dreambooth")
-    return TuneResult(subject=subject, losses=loop.losses, caption=caption, denoiser_state=denoiser_state)
+    return TuneResult(subject=subject, losses=loop.losses, caption=caption, denoiser_state=denoiser_state,
+                      lora_state=lora_state)

@@ -1,9 +1,9 @@
 """The baselines of Table 2 as tuning loops: classic Textual Inversion (Eq. 2) and DreamBooth.
 
 Classic TI learns the *input* embedding of a new token, so the text encoder runs in every
-step; DreamBooth fine-tunes the denoiser itself on "a sks <class>", optionally with prior
-preservation on the frozen model's own class images. Both keep the loop state of
-:class:`~hifi.algorithms.tune_loop.TuneLoop` (generator, log, checkpoints).
+step; DreamBooth fine-tunes the denoiser itself on "a sks <class>" (all its weights, or LoRA
+adapters), optionally with prior preservation on the frozen model's own class images. Both
+keep the loop state of :class:`~hifi.algorithms.tune_loop.TuneLoop` (generator, log, checkpoints).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hifi.algorithms.subject import PLACEHOLDER, Subject, textual_inversion
 from hifi.algorithms.tune_loop import TuneConfig, TuneLoop, adam_state, caption_for, check_loss
 from hifi.errors import HifiError
 from hifi.kernels.losses import noise_loss
-from hifi.protocols.denoiser import DenoiserBackend, GradientCheckpointingBackend
+from hifi.protocols.denoiser import DenoiserBackend, GradientCheckpointingBackend, lora_backend
 
 __all__ = ["class_prior", "tune_classic_ti", "tune_dreambooth"]
 
@@ -67,7 +67,12 @@ def class_prior(backend: DenoiserBackend, class_name: str, cfg: TuneConfig) -> T
 
 
 def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] | None) -> dict[str, Tensor]:
-    """DreamBooth: fine-tune the denoiser on "a sks <class>" (optionally with prior preservation)."""
+    """DreamBooth: fine-tune the denoiser on "a sks <class>" (optionally with prior preservation).
+
+    With ``lora_rank`` only LoRA adapters of that rank train (the backend must be a
+    :class:`~hifi.protocols.denoiser.LoraBackend`) and stay on the denoiser. Returns the
+    denoiser's weights, or with LoRA the adapters' in diffusers' ``load_lora_weights`` layout.
+    """
     backend, cfg = loop.backend, loop.config
     with torch.no_grad():
         c = backend.encode_text([caption_for("dreambooth", class_name)])
@@ -76,12 +81,20 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
     checkpointing = backend if isinstance(backend, GradientCheckpointingBackend) else None
     if cfg.gradient_checkpointing and checkpointing is None:
         raise HifiError(f"backend {backend.name!r} cannot checkpoint its denoiser's activations")
-    params = list(backend.trainable_parameters())
+    if cfg.lora_rank is None:
+        state, load_state, trained = backend.denoiser_state, backend.load_denoiser_state, backend.trainable_parameters
+    else:
+        lora = lora_backend(backend)
+        state, load_state, trained = lora.lora_state, lora.load_lora_state, lora.lora_parameters
+        if resume is None:
+            lora.add_lora(cfg.lora_rank, cfg.seed)
+    if resume is not None:
+        load_state(resume["denoiser"])  # before the parameters are taken: a loaded LoRA is new modules
+    params = list(trained())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     first = 0
     if resume is not None:
         loop.restore(resume)
-        backend.load_denoiser_state(resume["denoiser"])
         opt.load_state_dict(resume["optimizer"])
         first = int(resume["step"])
     for p in params:
@@ -100,11 +113,10 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
             opt.step()
             loop.log("global", step, check_loss(loss, "global", step))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
-                loop.save({"stage": "global", "step": step + 1, "denoiser": backend.denoiser_state(),
-                           "optimizer": adam_state(opt)})
+                loop.save({"stage": "global", "step": step + 1, "denoiser": state(), "optimizer": adam_state(opt)})
     finally:
         if cfg.gradient_checkpointing and checkpointing is not None:
             checkpointing.set_gradient_checkpointing(False)
         for p in params:
             p.requires_grad_(False)
-    return {k: v.clone() for k, v in backend.denoiser_state().items()}
+    return {k: v.clone() for k, v in state().items()}

@@ -28,6 +28,8 @@ __all__ = ["Checkpointer", "StepHook", "TuneConfig", "TuneLoop", "adam_state", "
 
 DEFAULT_LR: dict[str, float] = {"hifi": 5e-3, "classic-ti": 5e-3, "dreambooth": 5e-6}
 DEFAULT_STEPS: dict[str, int] = {"hifi": 1000, "classic-ti": 1000, "dreambooth": 400}
+DEFAULT_LORA_LR = 1e-4
+"""DreamBooth with LoRA adapters (``lora_rank``): the rate of diffusers' train_dreambooth_lora example."""
 
 
 @attrs.frozen
@@ -39,7 +41,8 @@ class TuneConfig:
     starts from the caption's own last n positions instead of phi_s (the "+ regularization"
     row of Table 2 adds both the phi_s start and the term). ``use_mask=False`` is the
     no-mask row; ``stepwise_steps = 0`` the no-step-wise row; ``mode="classic-ti"`` the
-    Textual Inversion baseline; ``mode="dreambooth"`` the DreamBooth variant. How fast the
+    Textual Inversion baseline; ``mode="dreambooth"`` the DreamBooth variant (with ``lora_rank``,
+    its LoRA form: low-rank adapters on the denoiser's attention). How fast the
     steps run is not a setting of the tune: it comes with the model and optimiser
     (:mod:`hifi.execution.edge`), changes speed, not the random stream, and a run may resume
     under another execution mode.
@@ -60,6 +63,9 @@ class TuneConfig:
     num_class_images: int = 4
     gradient_checkpointing: bool = False
     """DreamBooth only: recompute the denoiser's activations in the backward pass (less memory, same result)."""
+    lora_rank: int | None = None
+    """DreamBooth only: train LoRA adapters of this rank on the denoiser's attention instead of all its
+    weights (None: the full fine-tune)."""
 
     def __attrs_post_init__(self) -> None:
         checks = [
@@ -77,6 +83,9 @@ class TuneConfig:
             (self.num_class_images >= 1, "--class-images must be >= 1"),
             (not self.gradient_checkpointing or self.mode == "dreambooth",
              "--gradient-checkpointing applies to --mode dreambooth, which trains the denoiser"),
+            (self.lora_rank is None or self.lora_rank >= 1, "--lora-rank must be >= 1"),
+            (self.lora_rank is None or self.mode == "dreambooth",
+             "--lora-rank applies to --mode dreambooth, which trains the denoiser"),
         ]
         for ok, message in checks:
             if not ok:
@@ -88,7 +97,9 @@ class TuneConfig:
 
     @property
     def learning_rate(self) -> float:
-        return DEFAULT_LR[self.mode] if self.lr is None else self.lr
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR[self.mode] if self.lora_rank is None else DEFAULT_LORA_LR
 
     def resolved(self) -> dict[str, Any]:
         """The config with defaults filled in, for run.json."""

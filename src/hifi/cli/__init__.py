@@ -19,7 +19,7 @@ from hifi import __version__
 from hifi.errors import HifiError
 
 # Sub-command modules, in the order `hifi --help` lists them.
-COMMAND_MODULES = ("demo", "tune", "generate", "edit", "replace", "eval", "backends", "doctor")
+COMMAND_MODULES = ("demo", "tune", "generate", "edit", "replace", "export", "eval", "backends", "doctor")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
-from hifi.errors import HifiError
 from hifi.protocols.denoiser import DenoiserBackend
-from hifi.registry import load_backend
+from hifi.registry import backend_options, load_backend
 
 
 def add_backend_flags(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
@@ -19,18 +17,8 @@ def add_backend_flags(p: argparse.ArgumentParser, default: str | None = "tiny") 
 
 def backend_from_args(args: argparse.Namespace, name: str | None = None, model: str | None = None) -> DenoiserBackend:
     """Build the backend the flags name (``name``/``model`` are fallbacks, e.g. from a run)."""
-    options: dict[str, Any] = {}
-    model = args.model or model
     backend = args.backend or name or "tiny"
-    if model and model.startswith("random:tiny"):
-        # The tiny backend's weights are its seed: "random:tiny:SEED" (as runs record it).
-        seed = model.removeprefix("random:tiny").removeprefix(":") or "0"
-        if not seed.isdigit():
-            raise HifiError(f"--model {model!r}: the tiny backend's model is random:tiny or random:tiny:SEED,"
-                            " SEED a whole number >= 0")
-        options["seed"] = int(seed)
-    elif model:
-        options["model"] = model
+    options = backend_options(args.model or model)
     if args.device:
         options["device"] = args.device
     return load_backend(backend, **options)

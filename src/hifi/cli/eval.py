@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         subjects=tuple(s for s in (args.subjects or "").split(",") if s),
         prompts=args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
         stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps, seed=args.seed, masks=args.masks,
-        learning_rates=((METHODS[args.method].mode or "", args.lr),) if args.lr else (), accel=args.accel,
+        learning_rates=((METHODS[args.method].lr_key, args.lr),) if args.lr else (), accel=args.accel,
         reference=ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                     phi_steps=args.phi_steps),
     )

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         use_mask=not args.no_mask, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps,
         seed=args.seed, checkpoint_every=args.checkpoint_every, prior_preservation=args.prior_preservation,
         num_class_images=args.class_images, gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora_rank,
     )
     check_tune_config(config, args.out)  # before a model loads
     backend = backend_from_args(args)
@@ -45,7 +46,8 @@ def register(sub: Any) -> None:
     p.add_argument("--masks", default="none", help="DIR (a mask per photo, same names), none, or auto")
     p.add_argument("--mode", choices=MODES, default="hifi", help="hifi (default), classic-ti, dreambooth")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (1000 hifi/ti, 400 dreambooth)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (5e-3 hifi/ti, 5e-6 dreambooth)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (5e-3 hifi/ti, 5e-6 dreambooth, 1e-4 dreambooth --lora-rank)")
     p.add_argument("--tokens", type=int, default=5, help="tokens n in c_s (default 5)")
     p.add_argument("--reg-weight", type=float, default=1e-4, help="w_s of Eq. 6; 0 switches the regulariser off")
     p.add_argument("--no-mask", action="store_true", help="plain loss (Eq. 2) instead of the masked loss (Eq. 5)")
@@ -58,6 +60,9 @@ def register(sub: Any) -> None:
     p.add_argument("--class-images", type=int, default=4, help="dreambooth: class images for the prior")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="dreambooth: recompute the UNet's activations in the backward pass (less memory, slower)")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="dreambooth: train LoRA adapters of rank R on the UNet's attention instead of the whole UNet"
+                        " (writes pytorch_lora_weights.safetensors)")
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
                    help="how the c_s steps run: eager (default), compile (torch.compile),"
                         " graph (CUDA graph, UNet channels-last)")

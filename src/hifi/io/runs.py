@@ -10,6 +10,10 @@ Layout (all files written atomically)::
       learned_embeds.safetensors   classic-ti only: {"<hifi-subject>": [D_in]}, the file
                                    diffusers' ``load_textual_inversion`` reads
       denoiser.safetensors         dreambooth only: the fine-tuned UNet state dict
+      pytorch_lora_weights.safetensors
+                                   dreambooth with --lora-rank, instead: the UNet's LoRA adapters
+                                   in the layout diffusers' ``load_lora_weights`` reads
+                                   (``unet.<module>.lora.down.weight`` / ``.lora.up.weight``)
       masks/NAME.png               the masks the run was tuned with, by source file name
       sources/NAME.png             the source photos as tuned (square, backend resolution)
       losses.jsonl                 one JSON object per optimisation step
@@ -37,11 +41,12 @@ from hifi import __version__
 from hifi.algorithms.subject import PLACEHOLDER, Mode, Subject
 from hifi.errors import HifiError
 from hifi.io.images import atomic_path, write_json
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, LoraBackend, lora_backend
 
 __all__ = [
     "CHECKPOINT_DIR",
     "DENOISER_FILE",
+    "LORA_FILE",
     "LOSSES_FILE",
     "MASKS_DIR",
     "RUN_FILE",
@@ -66,6 +71,8 @@ RUN_FILE = "run.json"
 SUBJECT_FILE = "subject.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 DENOISER_FILE = "denoiser.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"""The name ``StableDiffusionPipeline.save_lora_weights`` writes and ``load_lora_weights(folder)`` looks for."""
 MASKS_DIR = "masks"
 SOURCES_DIR = "sources"
 LOSSES_FILE = "losses.jsonl"
@@ -93,6 +100,10 @@ class RunMeta:
     config: dict[str, Any] = attrs.field(factory=dict)
     peak_memory: dict[str, Any] = attrs.field(factory=dict)
     """How much memory the tune took (:func:`hifi.execution.memory.peak_memory`); empty in older runs."""
+    lora_rank: int | None = None
+    """A LoRA DreamBooth run: the adapters' rank (None: no LoRA)."""
+    lora_file: str | None = None
+    """A LoRA DreamBooth run: the adapters' file in the run folder (:data:`LORA_FILE`); set by :func:`save_run`."""
     version: str = __version__
 
     def to_json(self) -> dict[str, Any]:
@@ -149,8 +160,13 @@ def save_run(
     meta: RunMeta,
     *,
     denoiser_state: Mapping[str, Tensor] | None = None,
+    lora_state: Mapping[str, Tensor] | None = None,
 ) -> None:
-    """Write the subject files and run.json (run.json last: its presence marks a finished run)."""
+    """Write the subject files and run.json (run.json last: its presence marks a finished run).
+
+    ``denoiser_state``: a DreamBooth run's UNet weights; ``lora_state``: a LoRA DreamBooth run's
+    adapters (:meth:`hifi.protocols.denoiser.LoraBackend.lora_state`), which ``meta`` then names.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     if subject.c_s is not None:
@@ -161,7 +177,7 @@ def save_run(
         tensors["token_vector"] = subject.token_vector
         save_tensors(run_dir / TI_FILE, {PLACEHOLDER: subject.token_vector})
     if not tensors:
-        tensors["empty"] = torch.zeros(0)  # dreambooth: the subject is in denoiser.safetensors
+        tensors["empty"] = torch.zeros(0)  # dreambooth: the subject is in the denoiser's weights or LoRA
     string_meta = {
         "backend": meta.backend, "model_id": meta.model_id, "mode": meta.mode,
         "class_name": meta.class_name, "caption": meta.caption, "num_tokens": str(meta.num_tokens),
@@ -172,6 +188,9 @@ def save_run(
     save_tensors(run_dir / SUBJECT_FILE, tensors, string_meta)
     if denoiser_state is not None:
         save_tensors(run_dir / DENOISER_FILE, denoiser_state, {"format": "diffusers UNet2DConditionModel state dict"})
+    if lora_state is not None:
+        save_tensors(run_dir / LORA_FILE, lora_state, {"format": "pt"})  # the metadata save_lora_weights writes
+        meta = attrs.evolve(meta, lora_file=LORA_FILE)
     write_json(run_dir / RUN_FILE, meta.to_json())
 
 
@@ -214,8 +233,16 @@ def check_compatible(meta: RunMeta, backend: DenoiserBackend) -> None:
 
 
 def apply_run(run: Run, backend: DenoiserBackend) -> Subject:
-    """Check compatibility, load DreamBooth weights if any, and return the subject on the backend's device."""
+    """Check compatibility, load DreamBooth weights or LoRA if any, and return the subject on the backend's device.
+
+    A LoRA of an earlier run comes off the backend first: one run's adapters at a time.
+    """
     check_compatible(run.meta, backend)
+    if run.meta.lora_file is not None:
+        lora_backend(backend).load_lora_state(load_tensors(run.path / run.meta.lora_file))
+        return run.subject.to(backend.device)
+    if isinstance(backend, LoraBackend):
+        backend.remove_lora()
     if run.meta.mode == "dreambooth":
         if run.denoiser_file is None:
             raise HifiError(f"{run.path} is a dreambooth run without {DENOISER_FILE}")

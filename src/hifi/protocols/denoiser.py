@@ -13,15 +13,18 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from hifi.errors import HifiError
 from hifi.kernels.ddim import Schedule
 
 __all__ = [
     "ChannelsLastBackend",
     "DenoiserBackend",
     "GradientCheckpointingBackend",
+    "LoraBackend",
     "Model",
     "TextualInversionBackend",
     "VocabularyBackend",
+    "lora_backend",
 ]
 
 Model = Callable[[Tensor, Any, Tensor], Tensor]
@@ -139,6 +142,48 @@ class GradientCheckpointingBackend(Protocol):
     def set_gradient_checkpointing(self, on: bool) -> None:
         """Switch gradient checkpointing of the denoiser on or off (same gradients, less memory, more time)."""
         ...
+
+
+@runtime_checkable
+class LoraBackend(Protocol):
+    """A backend whose denoiser can carry low-rank adapters (LoRA) on its attention projections.
+
+    At most one LoRA is on the denoiser at a time: adding or loading one first removes any
+    other, so runs applied one after another never stack. Adapter states are in the layout of
+    diffusers' ``load_lora_weights`` (``unet.<module>.lora.down.weight`` and ``.lora.up.weight``),
+    the file a stock pipeline reads.
+    """
+
+    def add_lora(self, rank: int, seed: int) -> None:
+        """Put fresh adapters of rank ``rank`` on the denoiser, in place of any LoRA there.
+
+        Up-projections start at zero (the model is unchanged), down-projections are drawn from
+        ``seed``; the adapters' parameters are frozen until a tune switches them on.
+        """
+        ...
+
+    def lora_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The adapters' parameters (none without a LoRA): what a LoRA tune trains."""
+        ...
+
+    def lora_state(self) -> dict[str, Tensor]:
+        """The adapters' weights, in the ``load_lora_weights`` layout; a HifiError without a LoRA."""
+        ...
+
+    def load_lora_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load adapters saved by :meth:`lora_state` (their rank read from the shapes), in place of any LoRA."""
+        ...
+
+    def remove_lora(self) -> None:
+        """Take any LoRA off the denoiser, leaving its base weights as they were (a no-op without one)."""
+        ...
+
+
+def lora_backend(backend: DenoiserBackend) -> LoraBackend:
+    """``backend`` as a :class:`LoraBackend`, or a clear error when it is not one."""
+    if not isinstance(backend, LoraBackend):
+        raise HifiError(f"backend {backend.name!r} cannot carry LoRA adapters (--lora-rank)")
+    return backend
 
 
 @runtime_checkable

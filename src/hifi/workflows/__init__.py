@@ -6,17 +6,20 @@ over them; an embedding product calls them directly.
 """
 
 from hifi.workflows.edit import PhotoEdit, edit_photo, replace_in_photo
+from hifi.workflows.export import ExportResult, export_run
 from hifi.workflows.generate import GenerateResult, GenerateSettings, generate_from_run
 from hifi.workflows.photos import SubjectPhotos, load_references, load_subject_photos
 from hifi.workflows.tune import TuneOutcome, tune_to_run
 
 __all__ = [
+    "ExportResult",
     "GenerateResult",
     "GenerateSettings",
     "PhotoEdit",
     "SubjectPhotos",
     "TuneOutcome",
     "edit_photo",
+    "export_run",
     "generate_from_run",
     "load_references",
     "load_subject_photos",

@@ -17,7 +17,7 @@ from hifi.algorithms.subject import PLACEHOLDER, SUBJECT_SLOT, Subject, textual_
 from hifi.algorithms.tune import TuneConfig, caption_for
 from hifi.errors import HifiError
 from hifi.io.images import check_writable
-from hifi.protocols.denoiser import DenoiserBackend, VocabularyBackend
+from hifi.protocols.denoiser import DenoiserBackend, VocabularyBackend, lora_backend
 
 __all__ = [
     "MAX_SEED",
@@ -97,8 +97,11 @@ def check_tune_config(config: TuneConfig, out: str | Path) -> None:
 
 
 def check_tune(backend: DenoiserBackend, class_name: str, config: TuneConfig) -> None:
-    """What a tune on this backend would fail on only after its steps: the DDIM grid and the caption's room."""
+    """What a tune on this backend would fail on only after its steps: the DDIM grid, the caption's room,
+    and LoRA adapters the backend cannot carry."""
     check_step_count(config.num_steps, backend.schedule.num_train_timesteps, "--ddim-steps")
+    if config.lora_rank is not None:
+        lora_backend(backend)
     if config.mode != "classic-ti":  # the classic-TI caption holds the placeholder, not the class word
         reserved = config.num_tokens if config.mode == "hifi" else 0
         check_prompts_fit(backend, [caption_for(config.mode, class_name)], reserved=reserved,

@@ -80,6 +80,12 @@ class Method:
     reg_weight: float = 1e-4
     stepwise: bool = True
     reference: bool = False
+    lora_rank: int | None = None  # dreambooth: LoRA adapters of this rank instead of the whole UNet
+
+    @property
+    def lr_key(self) -> str:
+        """The key of this row's learning rate in :attr:`EvalSettings.learning_rates` (LoRA has its own)."""
+        return f"{self.mode}-lora" if self.lora_rank else str(self.mode or "")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -93,6 +99,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dreambooth", "DreamBooth", "dreambooth", use_mask=False, stepwise=False),
     Method("dreambooth-ref", "DreamBooth + reference guidance", "dreambooth", use_mask=False, stepwise=False,
            reference=True),
+    Method("dreambooth-lora", "DreamBooth, LoRA rank 4", "dreambooth", use_mask=False, stepwise=False, lora_rank=4),
 )}
 
 
@@ -144,7 +151,8 @@ class EvalSettings:
     masks: str = "none"
     reference: ReferenceSettings = ReferenceSettings()
     learning_rates: tuple[tuple[str, float], ...] = ()
-    """Per tuning mode, a learning rate other than the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
+    """Per tuning mode (:attr:`Method.lr_key`: ``dreambooth-lora`` for LoRA rows), a learning rate other than
+    the mode's default (e.g. ``(("dreambooth", 5e-5),)``)."""
     accel: str = "eager"
     """How the fixed-shape steps run (:func:`hifi.execution.edge.execution_for`): the tunes, the
     generations and the reference-guided loops; the results do not depend on it beyond rounding."""
@@ -153,7 +161,7 @@ class EvalSettings:
         assert method.mode is not None
         return TuneConfig(
             mode=method.mode,  # type: ignore[arg-type]
-            steps=self.steps, lr=dict(self.learning_rates).get(method.mode),
+            steps=self.steps, lr=dict(self.learning_rates).get(method.lr_key), lora_rank=method.lora_rank,
             use_mask=method.use_mask, reg_weight=method.reg_weight,
             stepwise_steps=self.stepwise_steps if method.stepwise else 0, num_steps=self.num_steps, seed=self.seed,
         )

@@ -104,7 +104,7 @@ def tune_to_run(
         caption=result.caption, num_tokens=result.subject.num_tokens, text_width=backend.text_width,
         max_length=backend.max_length, schedule=backend.schedule.to_config(), num_steps=config.num_steps,
         sources=photos.names, masks=photos.mask_source if config.use_mask else "none", config=config.resolved(),
-        peak_memory=peak_memory(backend.device),
+        peak_memory=peak_memory(backend.device), lora_rank=config.lora_rank,
     )
     write_jsonl(run_dir / LOSSES_FILE, result.losses)
     if samples > 0:
@@ -114,7 +114,7 @@ def tune_to_run(
         for seed, im in zip(gen.seeds, images, strict=True):
             save_image(im, run_dir / SAMPLES_DIR / f"seed{seed}.png")
         save_image(make_grid(images, cols=len(images)), run_dir / SAMPLES_DIR / "grid.png")
-    save_run(run_dir, result.subject, meta, denoiser_state=result.denoiser_state)
+    save_run(run_dir, result.subject, meta, denoiser_state=result.denoiser_state, lora_state=result.lora_state)
     checkpointer.clear()
     final = result.losses[-1]["loss"] if result.losses else None
     return TuneOutcome(run_dir=run_dir, warnings=photos.warnings, final_loss=final)
