@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import save_result
+from benchmarks.report import report
 from hifi import load_backend
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion
 from hifi.execution.edge import Execution, adam_steps
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="write benchmarks/results/NAME.json and NAME.md")
     args = p.parse_args(argv)
     result = measure(args.backend, args.steps, args.inner_steps, args.calls)
-    text = markdown(result)
-    print(text)
-    if args.name:
-        save_result(args.name, result, text)
-    return 0
+    return report(result, markdown(result), args.name)
 
 
 if __name__ == "__main__":

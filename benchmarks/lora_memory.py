@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import save_result
+from benchmarks.report import report
 from hifi.io.runs import DENOISER_FILE, LORA_FILE, RUN_FILE
 from hifi.toyworld.subjects import export_dataset
 
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="write benchmarks/results/NAME.json and NAME.md")
     args = p.parse_args(argv)
     result = measure(args.subject, args.steps, args.rank, args.backend)
-    text = markdown(result)
-    print(text)
-    if args.name:
-        save_result(args.name, result, text)
-    return 0
+    return report(result, markdown(result), args.name)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,11 @@ def save_result(name: str, result: Any, markdown: str) -> Path:
     with atomic_path(RESULTS / f"{name}.md") as tmp:
         tmp.write_text(markdown)
     return RESULTS / f"{name}.json"
+
+
+def report(result: Any, markdown: str, name: str | None) -> int:
+    """A script's ending: print its table, keep it as ``results/NAME`` when named; exit status 0."""
+    print(markdown)
+    if name:
+        save_result(name, result, markdown)
+    return 0

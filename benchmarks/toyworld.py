@@ -30,6 +30,7 @@ import attrs
 import torch
 
 from hifi.algorithms.reference import ReferenceSettings
+from hifi.algorithms.tune_loop import DEFAULT_LORA_LR
 from hifi.errors import HifiError
 from hifi.io.images import atomic_path, image_to_tensor, list_images, load_image, write_json
 from hifi.perception.registry import load_embedder
@@ -217,7 +218,8 @@ def tables_markdown(summary: dict[str, Any]) -> str:
 
     steps = (f"{s['steps']} tuning steps" if s["steps"] else "each method's default tuning steps (c_s and TI 1000,"
              " DreamBooth 400)")
-    lr = f"DreamBooth at lr {s['dreambooth_lr']:g}" if s["dreambooth_lr"] else "DreamBooth at lr 5e-6"
+    lr = (f"DreamBooth at lr {s['dreambooth_lr']:g}" if s["dreambooth_lr"] else "DreamBooth at lr 5e-6")
+    lr += f", its LoRA at {DEFAULT_LORA_LR:g}"
     lines = [
         f"# The paper's tables, measured ({summary.get('dataset', 'ToyWorld subjects')},"
         f" backend `{summary.get('backend', 'toy')}`)",
