@@ -51,9 +51,14 @@ class Bound:
         return self.fn(*self.fixed, *args)
 
 
+def _leaf(start: Tensor) -> Tensor:
+    """The parameter a runner owns: a float32 copy of ``start`` that requires grad."""
+    return start.detach().float().clone().requires_grad_(True)
+
+
 def adam_steps(loss: LossFn, start: Tensor, lr: float) -> AdamStep:
     """The eager step factory: a fresh :class:`AdamStep` on a copy of ``start`` for every call."""
-    return AdamStep(loss, start.detach().float().clone().requires_grad_(True), lr)
+    return AdamStep(loss, _leaf(start), lr)
 
 
 class Execution:
@@ -80,7 +85,7 @@ class Execution:
         key = (loss, tuple(start.shape), start.device, lr)
         runner = self._runners.get(key)
         if runner is None:
-            runner = AdamStep(loss, start.detach().float().clone().requires_grad_(True), lr, self.mode)
+            runner = AdamStep(loss, _leaf(start), lr, self.mode)
             self._runners[key] = runner
         else:
             runner.restart(start.detach().float())
