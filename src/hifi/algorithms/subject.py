@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hifi.errors import HifiError
 from hifi.kernels.losses import splice_subject
-from hifi.protocols.denoiser import DenoiserBackend, TextualInversionBackend
+from hifi.protocols.denoiser import DenoiserBackend, textual_inversion
 
 Mode = Literal["hifi", "classic-ti", "dreambooth", "plain"]
 MODES: tuple[Mode, ...] = ("hifi", "classic-ti", "dreambooth")
@@ -40,15 +40,8 @@ IDENTIFIER = "sks"
 """DreamBooth's rare identifier word."""
 
 __all__ = [
-    "IDENTIFIER", "MODES", "PLACEHOLDER", "SUBJECT_SLOT", "Mode", "Subject", "content_tokens", "textual_inversion",
+    "IDENTIFIER", "MODES", "PLACEHOLDER", "SUBJECT_SLOT", "Mode", "Subject", "content_tokens",
 ]
-
-
-def textual_inversion(backend: DenoiserBackend) -> TextualInversionBackend:
-    """``backend`` as a :class:`TextualInversionBackend`, or a clear error when it is not one."""
-    if not isinstance(backend, TextualInversionBackend):
-        raise HifiError(f"backend {backend.name!r} cannot learn or use a Textual Inversion token")
-    return backend
 
 
 def content_tokens(backend: DenoiserBackend, prompt: str) -> list[int]:

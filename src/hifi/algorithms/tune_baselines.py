@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
-from hifi.algorithms.subject import PLACEHOLDER, Subject, textual_inversion
+from hifi.algorithms.subject import PLACEHOLDER, Subject
 from hifi.algorithms.tune_loop import TuneConfig, TuneLoop, adam_state, caption_for, check_loss
 from hifi.errors import HifiError
 from hifi.kernels.losses import noise_loss
-from hifi.protocols.denoiser import DenoiserBackend, GradientCheckpointingBackend, lora_backend
+from hifi.protocols.denoiser import DenoiserBackend, GradientCheckpointingBackend, lora_backend, textual_inversion
 
 __all__ = ["class_prior", "tune_classic_ti", "tune_dreambooth"]
 

@@ -25,6 +25,7 @@ __all__ = [
     "TextualInversionBackend",
     "VocabularyBackend",
     "lora_backend",
+    "textual_inversion",
 ]
 
 Model = Callable[[Tensor, Any, Tensor], Tensor]
@@ -177,6 +178,13 @@ class LoraBackend(Protocol):
     def remove_lora(self) -> None:
         """Take any LoRA off the denoiser, leaving its base weights as they were (a no-op without one)."""
         ...
+
+
+def textual_inversion(backend: DenoiserBackend) -> TextualInversionBackend:
+    """``backend`` as a :class:`TextualInversionBackend`, or a clear error when it is not one."""
+    if not isinstance(backend, TextualInversionBackend):
+        raise HifiError(f"backend {backend.name!r} cannot learn or use a Textual Inversion token")
+    return backend
 
 
 def lora_backend(backend: DenoiserBackend) -> LoraBackend:

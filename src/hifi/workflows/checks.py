@@ -13,11 +13,11 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hifi.algorithms.subject import PLACEHOLDER, SUBJECT_SLOT, Subject, textual_inversion
+from hifi.algorithms.subject import PLACEHOLDER, SUBJECT_SLOT, Subject
 from hifi.algorithms.tune import TuneConfig, caption_for
 from hifi.errors import HifiError
 from hifi.io.images import check_writable
-from hifi.protocols.denoiser import DenoiserBackend, VocabularyBackend, lora_backend
+from hifi.protocols.denoiser import DenoiserBackend, VocabularyBackend, lora_backend, textual_inversion
 
 __all__ = [
     "MAX_SEED",
