@@ -4,7 +4,9 @@ Each tune runs in its own ``hifi tune`` process (so that a CPU process's peak re
 which cannot be reset, belongs to that tune alone), on the same ToyWorld subject, steps and
 seed; the peaks are read from the runs' ``run.json`` (``peak_memory``), the sizes from their
 files. On the CPU the peak includes the process's model and libraries; their difference is
-what the training itself holds.
+what the training itself holds. Beside them, the float32 sizes on the SD 1.4 architecture,
+counted from its UNet built on the meta device (no weights): every parameter for the full
+file, ``rank * (in + out)`` per adapted projection for LoRA.
 
     python -m benchmarks.lora_memory --name lora-memory-toy-cpu
 """
@@ -40,9 +42,27 @@ def measure(subject: str = "striped_mug", steps: int = 50, rank: int = 4, backen
             rows.append({"tune": name, "file": weights, "file_bytes": (run_dir / weights).stat().st_size,
                          "peak_mb": meta["peak_memory"]["peak_mb"], "peak_what": meta["peak_memory"]["what"],
                          "lr": meta["config"]["lr"]})
-    return {"backend": backend, "subject": subject, "steps": steps, "rows": rows,
+    return {"backend": backend, "subject": subject, "steps": steps, "rows": rows, "sd14": sd14_sizes((rank, 16)),
             "file_ratio": rows[0]["file_bytes"] / rows[1]["file_bytes"],
             "peak_difference_mb": rows[0]["peak_mb"] - rows[1]["peak_mb"]}
+
+
+def sd14_sizes(ranks: tuple[int, ...] = (4, 16)) -> dict[str, Any]:
+    """Parameters and float32 MiB of the full SD 1.4 UNet and of its LoRA adapters at each rank."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from hifi_backends.configs import load_config
+    from hifi_backends.diffusers_backend import LORA_TARGETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(load_config("sd14", "unet"))
+    adapted = [m for n, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith(t) for t in LORA_TARGETS)]
+    full = sum(p.numel() for p in unet.parameters())
+    lora = {r: r * sum(m.in_features + m.out_features for m in adapted) for r in ranks}
+    return {"full_params": full, "full_mib": full * 4 / 2**20,
+            "lora": [{"rank": r, "params": n, "mib": n * 4 / 2**20, "ratio": full / n} for r, n in lora.items()]}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -52,7 +72,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"| {r['tune']} | `{r['file']}` | {r['file_bytes']:,} | {r['peak_mb']:.1f} | {r['lr']:g} |"
               for r in result["rows"]]
     lines += ["", f"The full file is {result['file_ratio']:.0f}x the LoRA file; the full tune's peak is"
-              f" {result['peak_difference_mb']:.1f} MB above LoRA's. Peak: {result['rows'][0]['peak_what']}."]
+              f" {result['peak_difference_mb']:.1f} MB above LoRA's. Peak: {result['rows'][0]['peak_what']}.", "",
+              "On the SD 1.4 UNet (float32, from parameter counts):", "",
+              "| weights | parameters | MiB | full / this |", "| --- | ---: | ---: | ---: |",
+              f"| full UNet | {result['sd14']['full_params']:,} | {result['sd14']['full_mib']:,.0f} | 1 |"]
+    lines += [f"| LoRA rank {r['rank']} | {r['params']:,} | {r['mib']:.1f} | {r['ratio']:.0f} |"
+              for r in result["sd14"]["lora"]]
     return "\n".join(lines) + "\n"
 
 

@@ -65,7 +65,7 @@ class Execution:
     """How one run's model forwards and optimiser steps run: ``"eager"``, ``"compile"`` or ``"graph"``.
 
     :meth:`model` wraps a denoiser once (cached); :meth:`runner` is a :data:`StepFactory`
-    that keeps one runner per (loss, parameter shape, dtype, learning rate) for the run.
+    that keeps one runner per (loss, parameter shape, device, learning rate) for the run.
     """
 
     def __init__(self, mode: str = "eager", device: torch.device | str = "cpu") -> None:
