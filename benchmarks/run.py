@@ -37,6 +37,7 @@ from hifi.execution.edge import Bound, Execution, adam_steps
 from hifi.execution.fastpath import ACCEL_MODES
 from hifi.execution.memory import peak_memory, reset_peak_memory
 from hifi.io.images import atomic_path
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import ridge_to_null, splice_subject, subject_slots
 from hifi.protocols.denoiser import DenoiserBackend, TextualInversionBackend
@@ -139,7 +140,7 @@ class Stages:
     def cfg_forward(self, accel: str = "eager") -> Callable[[], None]:
         """One classifier-free-guided UNet forward (both branches, one batch of 2), in mode ``accel``."""
         model = Execution(accel, self.b.device).model(self.b.denoise)
-        x, emb = torch.cat([self.x0[:1]] * 2), torch.cat([self.phi, self.c])
+        x, emb = torch.cat([self.x0[:1]] * 2), Condition.cat([self.phi, self.c])
 
         def forward() -> None:
             with torch.no_grad():

@@ -30,8 +30,9 @@ def test_register_backend_at_run_time(tiny):
 def test_tiny_implements_the_protocol(tiny):
     assert isinstance(tiny, DenoiserBackend)
     c = tiny.encode_text(["a photo of a dog", "a cat"])
-    assert c.shape == (2, tiny.max_length, tiny.text_width)
-    assert tiny.null_embedding().shape == (1, tiny.max_length, tiny.text_width)
+    assert c.sequence.shape == (2, tiny.max_length, tiny.text_width) and c.extras == {}
+    phi = tiny.null_embedding()
+    assert phi.sequence.shape == (1, tiny.max_length, tiny.text_width) and phi.extras == {}
     x = torch.randn(2, tiny.latent_channels, 8, 8)
     with torch.no_grad():
         assert tiny.denoise(x, 500, c).shape == x.shape
@@ -63,8 +64,9 @@ def test_token_embeddings_put_the_text_encoder_in_the_loop(tiny):
     vector = tiny.input_embedding("dog").requires_grad_(True)
     plain = tiny.encode_text(["a photo of a dog"])
     swapped = tiny.encode_text(["a photo of a <hifi-test>"], token_embeddings={"<hifi-test>": vector})
-    torch.testing.assert_close(swapped, plain)  # same vector as "dog" -> same encoding
-    swapped.sum().backward()
+    torch.testing.assert_close(swapped.sequence, plain.sequence)  # same vector as "dog" -> same encoding
+    assert swapped.extras == {} and plain.extras == {}
+    swapped.sequence.sum().backward()
     assert vector.grad is not None and vector.grad.abs().sum() > 0
     with pytest.raises(HifiError, match="not a token"):
         tiny.encode_text(["x"], token_embeddings={"<never-added>": vector})

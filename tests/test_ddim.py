@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hifi.algorithms.sampling import ddim_invert, ddim_sample
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import (
     DdimGrid,
     Schedule,
@@ -119,7 +120,7 @@ def test_inversion_round_trip_is_exact_for_x_independent_noise(spacing, num_step
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     model = _exact_model(schedule, torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64))
-    cond = torch.zeros(1, 3, 2, dtype=torch.float64)
+    cond = Condition(torch.zeros(1, 3, 2, dtype=torch.float64))
     trajectory = ddim_invert(model, DdimGrid.build(schedule, num_steps), x0, cond, uncond=cond, guidance=guidance)
     assert len(trajectory) == num_steps + 1
     back = ddim_sample(model, DdimGrid.build(schedule, num_steps), trajectory[-1], cond, uncond=cond, guidance=guidance)

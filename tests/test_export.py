@@ -112,7 +112,7 @@ def test_dreambooth_diffusers_is_a_unet_folder_that_draws_as_the_run(runs, tmp_p
     with torch.no_grad():
         cond = tuned.encode_text(["a sks dog"])
         ours = tuned.denoise(x, 500, cond)
-        torch.testing.assert_close(stock(x, 500, encoder_hidden_states=cond).sample, ours)
+        torch.testing.assert_close(stock(x, 500, encoder_hidden_states=cond.sequence).sample, ours)
         assert not torch.allclose(base.denoise(x, 500, cond), ours, atol=1e-4), "the fine-tuned weights differ"
 
 
@@ -189,7 +189,7 @@ def _lora_unet_output(run_dir, load):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cond = backend.encode_text(["a sks dog"])
-        return pipe.unet(x, 500, encoder_hidden_states=cond).sample
+        return pipe.unet(x, 500, encoder_hidden_states=cond.sequence).sample
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "a1111", "comfyui", "kohya"])

@@ -158,7 +158,7 @@ def _loops(accel: str, device: str = "cpu", which: tuple[str, ...] = ("generate"
         config = NullTextConfig(num_steps=4, inner_steps=3)
         inverted = null_text_inversion(model, DdimGrid.build(backend.schedule, 4), x_0, cond, backend.null_embedding(),
                                        config, optimiser=execution.runner)
-        out.update(phis=torch.stack(inverted.phis), reconstruction=inverted.reconstruction,
+        out.update(phis=torch.stack([p.sequence for p in inverted.phis]), reconstruction=inverted.reconstruction,
                    null_text_losses=torch.tensor(inverted.losses))
     if "guided" not in which:
         return out

@@ -1,9 +1,9 @@
 """Backends by name.
 
-Backends live in other packages (``hifi_backends`` ships ``tiny``, ``sd14`` and
-``sd14-fp16``) and announce themselves through the ``hifi.backends`` entry-point group, so
-the core never imports them. An embedding product can also register a factory at run
-time with :func:`register_backend`.
+Backends live in other packages (``hifi_backends`` ships ``tiny``, ``sd14``, ``sd14-fp16``,
+``sdxl``, ``sdxl-fp16``, ``tiny-sdxl`` and ``toy``) and announce themselves through the
+``hifi.backends`` entry-point group, so the core never imports them. An embedding product
+can also register a factory at run time with :func:`register_backend`.
 """
 
 from __future__ import annotations
@@ -76,14 +76,15 @@ def check_device(device: Any) -> None:
 
 
 def backend_options(model: str | None) -> dict[str, Any]:
-    """The factory options a model id names: ``random:tiny`` or ``random:tiny:SEED`` (how a run
-    records the tiny backend, whose weights are its seed) is ``seed``, any other id ``model``."""
-    if model and model.startswith("random:tiny"):
-        seed = model.removeprefix("random:tiny").removeprefix(":") or "0"
-        if not seed.isdigit():
-            raise HifiError(f"model {model!r}: the tiny backend's model is random:tiny or random:tiny:SEED,"
-                            " SEED a whole number >= 0")
-        return {"seed": int(seed)}
+    """The factory options a model id names: ``random:tiny[:SEED]`` or ``random:tiny-sdxl[:SEED]`` (how a run
+    records a tiny backend, whose weights are its seed) is ``seed``, any other id ``model``."""
+    for tiny in ("random:tiny-sdxl", "random:tiny"):
+        if model and model.startswith(tiny):
+            seed = model.removeprefix(tiny).removeprefix(":") or "0"
+            if not seed.isdigit():
+                raise HifiError(f"model {model!r}: a tiny backend's model is {tiny} or {tiny}:SEED,"
+                                " SEED a whole number >= 0")
+            return {"seed": int(seed)}
     return {"model": model} if model else {}
 
 

@@ -1,8 +1,23 @@
 """One implementation of :class:`hifi.protocols.DenoiserBackend` over diffusers components.
 
 Every backend in this package is this class, fed differently: random tiny components
-(``tiny``), a Stable Diffusion folder (``sd14``), or the same in half precision
-(``sd14-fp16``). It adapts the components' interfaces and holds no algorithm.
+(``tiny``, ``tiny-sdxl``), a Stable Diffusion folder (``sd14``, ``sdxl``), or the same in half
+precision (``sd14-fp16``, ``sdxl-fp16``). It adapts the components' interfaces and holds no
+algorithm.
+
+Two text stacks, told apart by whether a second text encoder is given:
+
+- SD 1.x / 2.x: one CLIP text encoder; the condition is its last (layer-normed) hidden
+  state, with no extras.
+- SDXL: two (CLIP ViT-L and OpenCLIP ViT-bigG with a projection); the sequence is their
+  penultimate hidden states side by side ``[B, 77, 768 + 1280]``, and the extras are the
+  second encoder's pooled, projected embedding (``text_embeds``) and the size/crop
+  conditioning ``time_ids`` = (H, W, 0, 0, H, W) at the backend's resolution, as
+  ``StableDiffusionXLPipeline`` computes them by default. phi is all zeros (sequence and
+  pooled part) when the model says so (``force_zeros_for_empty_prompt``, SDXL base's
+  default, which its pipeline uses as the negative condition): SDXL was trained to drop
+  its text condition that way, so zeros are its unconditional input; else the encoded
+  empty prompt.
 """
 
 from __future__ import annotations
@@ -17,9 +32,10 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hifi.errors import HifiError
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import Schedule
 
 WORD = re.compile(r"[^\W\d_]+")
@@ -40,7 +56,7 @@ LORA_PREFIX = "unet"
 
 
 class DiffusersBackend:
-    """A latent diffusion model made of a UNet, a VAE, a CLIP text encoder and a tokenizer.
+    """A latent diffusion model made of a UNet, a VAE, one or two CLIP text encoders and their tokenizers.
 
     All weights are frozen (``requires_grad=False``) and in eval mode; an algorithm that
     fine-tunes the denoiser switches its parameters on through :meth:`trainable_parameters`
@@ -61,10 +77,24 @@ class DiffusersBackend:
         dtype: torch.dtype = torch.float32,
         resolution: int | None = None,
         perception_defaults: Mapping[str, str] | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         self.name = name
         self.model_id = model_id
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise HifiError(f"model {model_id!r}: a second text encoder needs its tokenizer, and the reverse")
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self._encoders: list[tuple[CLIPTokenizer, CLIPTextModel]] = [(tokenizer, text_encoder)]
+        if text_encoder_2 is not None and tokenizer_2 is not None:
+            self._encoders.append((tokenizer_2, text_encoder_2))
+        self.text_time = unet.config.get("addition_embed_type") == "text_time"
+        """Whether the UNet reads SDXL's pooled embedding and time ids (``added_cond_kwargs``)."""
+        if self.text_time and text_encoder_2 is None:
+            raise HifiError(f"model {model_id!r}: its UNet reads a pooled text embedding, so it needs text_encoder_2")
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.scheduler_config = dict(scheduler_config)
         try:
             self.schedule = Schedule.from_config(self.scheduler_config)
@@ -74,17 +104,20 @@ class DiffusersBackend:
         self.latent_channels = int(unet.config.in_channels)
         self.resolution = resolution or int(unet.config.sample_size) * self.vae_scale_factor
         self.max_length = int(tokenizer.model_max_length)
-        self.text_width = int(text_encoder.config.hidden_size)
+        self.text_width = sum(int(encoder.config.hidden_size) for _, encoder in self._encoders)
         self._scaling = float(vae.config.scaling_factor)
         self._device = torch.device(device)
         self._dtype = dtype
-        for module in (unet, vae, text_encoder):
+        self._vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast") else dtype
+        """SDXL's VAE overflows in fp16 (its config says ``force_upcast``): float32 then, as in its pipeline."""
+        for module in (unet, vae, *(encoder for _, encoder in self._encoders)):
             module.requires_grad_(False)
             module.eval()
             module.to(self._device)
-            if next(module.parameters()).dtype != dtype:
-                module.to(dtype=dtype)
-        self._phi: Tensor | None = None
+            wanted = self._vae_dtype if module is vae else dtype
+            if next(module.parameters()).dtype != wanted:
+                module.to(dtype=wanted)
+        self._phi: Condition | None = None
         self.channels_last = False
         """Whether the UNet's weights are held channels-last (:meth:`set_channels_last`)."""
         self.perception_defaults = dict(perception_defaults or {})
@@ -141,31 +174,69 @@ class DiffusersBackend:
         ids = self.tokenizer(list(prompts), add_special_tokens=False, verbose=False).input_ids
         return tuple(len(row) for row in ids)
 
+    @property
+    def input_widths(self) -> tuple[int, ...]:
+        """Each text encoder's input-embedding width: a Textual Inversion vector is these parts in order."""
+        return tuple(int(encoder.get_input_embeddings().weight.shape[1]) for _, encoder in self._encoders)
+
     def add_placeholder_token(self, word: str) -> int:
-        """Add ``word`` as a new token (classic Textual Inversion) and return its id."""
-        if self.tokenizer.add_tokens([word]) == 0:
-            return int(self.tokenizer.convert_tokens_to_ids(word))
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        self.text_encoder.requires_grad_(False)
+        """Add ``word`` as a new token to every tokenizer (classic Textual Inversion); its id in the first."""
+        for tokenizer, encoder in self._encoders:
+            if tokenizer.add_tokens([word]) > 0:
+                encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+                encoder.requires_grad_(False)
         return int(self.tokenizer.convert_tokens_to_ids(word))
 
     def input_embedding(self, word: str) -> Tensor:
-        """The text encoder's input embedding row of a word that is a single token."""
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise HifiError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
-        return self.text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()
+        """The input embedding of a word that is a single token: every text encoder's row, concatenated."""
+        rows = []
+        for tokenizer, encoder in self._encoders:
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise HifiError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
+            rows.append(encoder.get_input_embeddings().weight[ids[0]].detach().clone())
+        return torch.cat(rows)
 
     def encode_text(
         self, prompts: Sequence[str], token_embeddings: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        ids = self.token_ids(prompts)
+    ) -> Condition:
+        sequences, pooled = [], None
+        offset = 0
+        for (tokenizer, encoder), width in zip(self._encoders, self.input_widths, strict=True):
+            ids = tokenizer(
+                list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self._device)
+            parts = {word: vector[offset : offset + width] for word, vector in (token_embeddings or {}).items()}
+            offset += width
+            out = self._run_encoder(tokenizer, encoder, ids, parts)
+            if self.text_encoder_2 is None:
+                sequences.append(out[0])  # SD 1.x/2.x: the last hidden state, layer-normed
+            else:
+                sequences.append(out.hidden_states[-2])  # SDXL: the penultimate layer of each
+                if isinstance(encoder, CLIPTextModelWithProjection):
+                    pooled = out.text_embeds
+        sequence = torch.cat(sequences, dim=-1) if len(sequences) > 1 else sequences[0]
+        return Condition(sequence, self._extras(pooled, len(prompts)))
+
+    def _extras(self, pooled: Tensor | None, batch: int) -> dict[str, Tensor]:
+        """SDXL's added conditions: the pooled embedding and the default size/crop ids at this resolution."""
+        if not self.text_time:
+            return {}
+        assert pooled is not None, "an SDXL UNet needs the second text encoder's pooled embedding"
+        side = float(self.resolution)
+        time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]], device=self._device, dtype=pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}
+
+    def _run_encoder(
+        self, tokenizer: CLIPTokenizer, encoder: CLIPTextModel, ids: Tensor, token_embeddings: Mapping[str, Tensor]
+    ) -> Any:
+        hidden = self.text_encoder_2 is not None
         if not token_embeddings:
-            return self.text_encoder(ids)[0]
+            return encoder(ids, output_hidden_states=hidden)
         replacements = []
         for word, vector in token_embeddings.items():
-            token_id = self.tokenizer.convert_tokens_to_ids(word)
-            if token_id is None or token_id == self.tokenizer.unk_token_id:
+            token_id = tokenizer.convert_tokens_to_ids(word)
+            if token_id is None or token_id == tokenizer.unk_token_id:
                 raise HifiError(f"{word!r} is not a token; call add_placeholder_token first")
             replacements.append((token_id, vector))
 
@@ -178,24 +249,28 @@ class DiffusersBackend:
                 output = torch.where(hit, vector.to(output.dtype), output)
             return output
 
-        handle = self.text_encoder.get_input_embeddings().register_forward_hook(swap)
+        handle = encoder.get_input_embeddings().register_forward_hook(swap)
         try:
-            return self.text_encoder(ids)[0]
+            return encoder(ids, output_hidden_states=hidden)
         finally:
             handle.remove()
 
-    def null_embedding(self) -> Tensor:
+    def null_embedding(self) -> Condition:
         if self._phi is None:
             with torch.no_grad():
-                self._phi = self.encode_text([""])
+                empty = self.encode_text([""])
+            if self.force_zeros_for_empty_prompt:
+                zero = {k: torch.zeros_like(v) for k, v in empty.extras.items() if k == "text_embeds"}
+                empty = Condition(torch.zeros_like(empty.sequence), {**empty.extras, **zero})
+            self._phi = empty
         return self._phi
 
     # Denoiser -------------------------------------------------------------------------
-    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Tensor) -> Tensor:
-        if cond.shape[0] != x_t.shape[0]:
-            cond = cond.expand(x_t.shape[0], -1, -1)
+    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Condition) -> Tensor:
+        cond = cond.expand(x_t.shape[0])
         timestep = torch.as_tensor(t, device=x_t.device)
-        return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
+        added = dict(cond.extras) if cond.extras else None
+        return self.unet(x_t, timestep, encoder_hidden_states=cond.sequence, added_cond_kwargs=added).sample
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """Recompute the UNet's block activations in the backward pass (DreamBooth on less memory)."""
@@ -284,8 +359,8 @@ class DiffusersBackend:
 
     # VAE ------------------------------------------------------------------------------
     def encode_images(self, images: Tensor) -> Tensor:
-        images = images.to(device=self._device, dtype=self._dtype)
-        return self.vae.encode(images).latent_dist.mean * self._scaling
+        images = images.to(device=self._device, dtype=self._vae_dtype)
+        return (self.vae.encode(images).latent_dist.mean * self._scaling).to(self._dtype)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents / self._scaling).sample
+        return self.vae.decode(latents.to(self._vae_dtype) / self._scaling).sample

@@ -19,11 +19,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from hifi.errors import HifiError, ModelNotFoundError
 from hifi.perception.models import looks_like_path
 from hifi.registry import default_device
-from hifi_backends.configs import ARCHITECTURES, load_config
+from hifi_backends.configs import load_config
 from hifi_backends.diffusers_backend import DiffusersBackend
 from hifi_backends.tokenizer import build_clip_tokenizer
 
 MODEL_ENV = "HIFI_SD_MODEL"
+SD_ARCHITECTURES = ("sd14", "sd21")
+"""The shipped architectures this module builds (``sdxl`` is :mod:`hifi_backends.sdxl`'s)."""
 ATTENTION = ("sdpa", "xformers", "math")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,8 +44,9 @@ def build_random_architecture(
     ``sample_size`` overrides the UNet's latent side (e.g. 8 for 64x64 images on a CPU).
     The tokenizer is built locally (byte-level, CLIP format, 77 positions).
     """
-    if architecture not in ARCHITECTURES:
-        raise HifiError(f"unknown architecture {architecture!r}; choose from {ARCHITECTURES}")
+    if architecture not in SD_ARCHITECTURES:
+        hint = "; SDXL is its own backend (--backend sdxl --model random:sdxl)" if architecture == "sdxl" else ""
+        raise HifiError(f"unknown architecture {architecture!r}; choose from {SD_ARCHITECTURES}{hint}")
     unet_config = load_config(architecture, "unet")
     if sample_size is not None:
         unet_config["sample_size"] = sample_size
@@ -67,26 +70,40 @@ def build_random_architecture(
     )
 
 
-def _resolve_model(model: str | None) -> str:
-    model = model or os.environ.get(MODEL_ENV)
+def resolve_model(model: str | None, *, env: str = MODEL_ENV, example: str = "CompVis/stable-diffusion-v1-4",
+                  folders: str = "unet/, vae/, text_encoder/, tokenizer/ and scheduler/") -> str:
+    """``model`` (or the ``env`` variable): a local folder's full path or a hub id; a clear line when neither."""
+    model = model or os.environ.get(env)
     if not model:
         raise ModelNotFoundError(
-            "no Stable Diffusion weights given: pass --model PATH (a local diffusers folder,"
-            f" e.g. a copy of CompVis/stable-diffusion-v1-4) or set {MODEL_ENV}"
+            f"no Stable Diffusion weights given: pass --model PATH (a local diffusers folder, e.g. a copy of {example})"
+            f" or set {env}"
         )
     local = looks_like_path(model)
     if local and not Path(model).expanduser().is_dir():
         raise ModelNotFoundError(
-            f"Stable Diffusion folder {model!r} does not exist: pass --model with a diffusers"
-            " folder holding unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+            f"Stable Diffusion folder {model!r} does not exist: pass --model with a diffusers folder holding {folders}"
         )
     return str(Path(model).expanduser()) if local else model
 
 
+def hub_kwargs() -> dict[str, Any]:
+    """``from_pretrained`` options: local files only when ``HF_HUB_OFFLINE`` is set."""
+    return {"local_files_only": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")}
+
+
+def loading_error(model: str, err: Exception, env: str = MODEL_ENV) -> ModelNotFoundError:
+    """A loader's failure as one clear line naming what to supply."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelNotFoundError(
+        f"could not load Stable Diffusion from {model!r} ({first}). Supply a local diffusers"
+        f" folder with --model PATH or {env}; this machine may have no hub access"
+    )
+
+
 def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     """Load the four components, turning any loader failure into one clear line."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    kwargs: dict[str, Any] = {"local_files_only": offline}
+    kwargs = hub_kwargs()
     try:
         return {
             "unet": UNet2DConditionModel.from_pretrained(
@@ -103,11 +120,7 @@ def _load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
             "scheduler_config": dict(DDIMScheduler.load_config(model, subfolder="scheduler", **kwargs)),
         }
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelNotFoundError(
-            f"could not load Stable Diffusion from {model!r} ({first}). Supply a local diffusers"
-            f" folder with --model PATH or {MODEL_ENV}; this machine may have no hub access"
-        ) from err
+        raise loading_error(model, err) from err
 
 
 def load_stable_diffusion(
@@ -127,9 +140,8 @@ def load_stable_diffusion(
     (the plain reference implementation). ``channels_last`` holds the UNet's weights in
     NHWC (:meth:`DiffusersBackend.set_channels_last`).
     """
-    if attention not in ATTENTION:
-        raise HifiError(f"unknown attention {attention!r}; choose from {ATTENTION}")
-    model = _resolve_model(model)
+    check_attention(attention)
+    model = resolve_model(model)
     if model.startswith("random:"):
         # "random:sd14" or "random:sd14:SEED" (the model id a run records).
         spec = model.split(":")
@@ -141,13 +153,14 @@ def load_stable_diffusion(
         backend = DiffusersBackend(
             name=name, model_id=model, device=device or default_device(), dtype=dtype, **parts
         )
-    _set_attention(backend, attention)
+    set_attention(backend, attention)
     if channels_last:
         backend.set_channels_last()
     return backend
 
 
-def _set_attention(backend: DiffusersBackend, attention: str) -> None:
+def set_attention(backend: DiffusersBackend, attention: str) -> None:
+    """Put the UNet's attention on ``attention`` (:data:`ATTENTION`); a clear error when xformers cannot run."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if attention == "sdpa":
@@ -162,6 +175,18 @@ def _set_attention(backend: DiffusersBackend, attention: str) -> None:
                 f"xformers attention is not usable here ({type(err).__name__}: {err});"
                 " use --attention sdpa"
             ) from err
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTION:
+        raise HifiError(f"unknown attention {attention!r}; choose from {ATTENTION}")
+
+
+def half_precision(precision: str) -> torch.dtype:
+    """``fp16`` or ``bf16`` as a dtype; a clear error for anything else."""
+    if precision not in ("fp16", "bf16"):
+        raise HifiError(f"precision must be fp16 or bf16, got {precision!r}")
+    return _DTYPES[precision]
 
 
 def build_sd14_backend(
@@ -181,9 +206,7 @@ def build_sd14_fp16_backend(
     channels_last: bool = False,
 ) -> DiffusersBackend:
     """Registry entry ``sd14-fp16``: half precision (``fp16`` or ``bf16``), selectable attention and layout."""
-    if precision not in ("fp16", "bf16"):
-        raise HifiError(f"precision must be fp16 or bf16, got {precision!r}")
     return load_stable_diffusion(
-        model, name="sd14-fp16", device=device, dtype=_DTYPES[precision], attention=attention,
+        model, name="sd14-fp16", device=device, dtype=half_precision(precision), attention=attention,
         seed=seed, channels_last=channels_last,
     )

@@ -20,6 +20,20 @@ TINY_MAX_LENGTH = 24
 """Text length L of the tiny model: room for a prompt and the 5 c_s slots at the end."""
 
 
+def tiny_vae() -> AutoencoderKL:
+    """A random tiny VAE for 32x32 images: 8x8x4 latents (drawn from the global generator)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
 def build_tiny_backend(
     *, model: str | None = None, seed: int = 0, device: str | None = None
 ) -> DiffusersBackend:
@@ -44,16 +58,7 @@ def build_tiny_backend(
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = tiny_vae()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hifi.algorithms.sampling import StepCallback, ddim_sample
 from hifi.algorithms.subject import Subject
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid
 from hifi.protocols.denoiser import DenoiserBackend, Model
 
@@ -30,7 +31,7 @@ def initial_noise(backend: DenoiserBackend, seeds: Sequence[int]) -> Tensor:
     return torch.cat(noise).to(device=backend.device, dtype=backend.dtype)
 
 
-def step_conditions(backend: DenoiserBackend, subject: Subject, prompt: str, grid: DdimGrid) -> list[Tensor]:
+def step_conditions(backend: DenoiserBackend, subject: Subject, prompt: str, grid: DdimGrid) -> list[Condition]:
     """The text condition of every DDIM step, ``[c, c_s^t]`` for t = T..1 (Eq. 7)."""
     c = subject.encode(backend, [prompt])
     return subject.conditions(c, grid.timesteps)

@@ -20,6 +20,7 @@ from torch import Tensor
 from hifi.algorithms.sampling import StepCallback, guided_ddim_step, per_step
 from hifi.errors import HifiError
 from hifi.execution.edge import Bound, StepFactory, adam_steps
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, DdimStep
 from hifi.kernels.latents import substitute_masked
 from hifi.kernels.losses import masked_mse
@@ -56,17 +57,19 @@ def check_guidance_window(num_steps: int, t_start: int, t_end: int, phi_steps: i
 
 def reference_guidance_loss(
     model: Model, grid: DdimGrid, guidance: float, phi_h: Tensor, x: Tensor, t: Tensor, alpha_t: Tensor,
-    alpha_prev: Tensor, c: Tensor, target: Tensor, weight: Tensor, *out_cond: Tensor,
+    alpha_prev: Tensor, c: Condition, null: Condition, target: Tensor, weight: Tensor, *out_cond: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 10: ``L_h^(t)(phi_h) = || x*_{t-1}[M] - F^(t)(x_t, [c, c_s^t], phi_h)[M] ||^2``, and that F^(t).
 
     As a mean over the masked latents (:func:`~hifi.kernels.losses.masked_mse`, ``weight``
-    is M_r* as floats ``[B, 1, h, w]``), in float32. A function of tensors only after its
-    three fixed arguments, so that a step runner can capture it once for every step and
-    image. ``out_cond`` (optional) is eps(x_t, [c, c_s^t]), which does not depend on phi_h.
+    is M_r* as floats ``[B, 1, h, w]``), in float32. ``phi_h`` is a sequence in the place of
+    phi's (``null``), whose extras it keeps (:mod:`hifi.kernels.condition`). A function of
+    tensors (and conditions) only after its three fixed arguments, so that a step runner
+    can capture it once for every step and image. ``out_cond`` (optional) is
+    eps(x_t, [c, c_s^t]), which does not depend on phi_h.
     """
-    x_guided = guided_ddim_step(model, grid, x, DdimStep(t, alpha_t, alpha_prev), c, phi_h, guidance,
-                                *out_cond).float()
+    x_guided = guided_ddim_step(model, grid, x, DdimStep(t, alpha_t, alpha_prev), c, null.with_sequence(phi_h),
+                                guidance, *out_cond).float()
     return masked_mse(x_guided, target, weight), x_guided
 
 
@@ -91,11 +94,11 @@ def reference_guided_sample(
     model: Model,
     grid: DdimGrid,
     x_T: Tensor,
-    cond: Tensor | Sequence[Tensor],
+    cond: Condition | Sequence[Condition],
     trajectory: Sequence[Tensor],
     mask: Tensor,
     *,
-    uncond: Tensor,
+    uncond: Condition,
     guidance: float = 7.5,
     t_start: int = 40,
     t_end: int = 10,
@@ -111,9 +114,9 @@ def reference_guided_sample(
     ``mask`` are taken from x*_t; every step takes x_{t-1} = F^(t)(x_t, [c, c_s^t], phi); for
     t_s >= t >= t_e, phi_h takes ``phi_steps`` (J) Adam steps on Eq. 10
     (:func:`reference_guidance_loss`), and then x_{t-1}[M] = F^(t)(x_t, [c, c_s^t], phi_h)[M].
-    phi_h starts as phi (``uncond``) at t_s and carries over, with its Adam state, from step
+    phi_h starts as phi's sequence (``uncond``) at t_s and carries over, with its Adam state, from step
     to step. ``mask`` is boolean ``[1 or B, 1, h, w]``; ``trajectory`` is ``[x*_0, ..., x*_T]``;
-    ``cond`` one embedding or one per step (``[c, c_s^t]``).
+    ``cond`` one condition or one per step (``[c, c_s^t]``).
 
     Cost: within a step the conditional branch eps(x_t, [c, c_s^t]) does not depend on
     phi_h, so it is computed once, without gradients (it also serves the step with phi),
@@ -135,7 +138,7 @@ def reference_guided_sample(
     weight = mask.float().expand(x_T.shape[0], 1, *mask.shape[-2:])
     loss_fn = Bound(reference_guidance_loss, model, grid, guidance)
     # phi_h starts as phi at t_s and carries over, with its Adam state, from step to step.
-    runner = optimiser(loss_fn, uncond, phi_lr)
+    runner = optimiser(loss_fn, uncond.sequence, phi_lr)
     step_losses: list[tuple[int, int, Tensor]] = []  # read back once, after the loop
     x = x_T.detach()
     for i, step in enumerate(grid.steps):
@@ -148,7 +151,7 @@ def reference_guided_sample(
             x_prev = guided_ddim_step(model, grid, x, step, conds[i], uncond, guidance, out_cond)
         if guided:
             on = step.on(x.device)
-            inputs = (x, on.t, on.alpha_t, on.alpha_prev, conds[i], trajectory[index - 1].float(), weight,
+            inputs = (x, on.t, on.alpha_t, on.alpha_prev, conds[i], uncond, trajectory[index - 1].float(), weight,
                       *(() if naive or out_cond is None else (out_cond,)))
             losses = [runner(*inputs)[0] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
             with torch.no_grad():

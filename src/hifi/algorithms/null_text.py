@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from hifi.algorithms.sampling import StepCallback, ddim_invert, ddim_sample, guided_ddim_step
 from hifi.errors import HifiError
 from hifi.execution.edge import Bound, StepFactory, adam_steps
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, DdimStep
 from hifi.protocols.denoiser import Model
 
@@ -74,20 +75,21 @@ class NullTextInversion:
 
     Attributes:
         trajectory: the pivotal inversion ``[x*_0, ..., x*_T]`` (Eq. 3).
-        phis: phi_t* for each DDIM step in denoising order (t = T..1), each ``[1, L, D]``.
+        phis: phi_t* for each DDIM step in denoising order (t = T..1): phi with its sequence
+            ``[1, L, D]`` learned (its extras, e.g. SDXL's pooled part, are phi's).
         reconstruction: x_0 of the guided denoising with ``phis`` from x*_T.
         losses: Eq. 4 at each step's last evaluation (after its updates).
         iterations: Adam updates taken at each step (K, or fewer after early stopping).
-        cond: the caption embedding c ``[1, L, D]``.
+        cond: the caption's condition c (batch 1).
         guidance: the guidance weight w the phis were learned for.
     """
 
     trajectory: tuple[Tensor, ...]
-    phis: tuple[Tensor, ...]
+    phis: tuple[Condition, ...]
     reconstruction: Tensor
     losses: tuple[float, ...]
     iterations: tuple[int, ...]
-    cond: Tensor
+    cond: Condition
     guidance: float
 
     @property
@@ -101,17 +103,19 @@ class NullTextInversion:
 
 def null_text_loss(
     model: Model, grid: DdimGrid, guidance: float, phi: Tensor, x: Tensor, t: Tensor, alpha_t: Tensor,
-    alpha_prev: Tensor, cond: Tensor, target: Tensor, *out_cond: Tensor,
+    alpha_prev: Tensor, cond: Condition, null: Condition, target: Tensor, *out_cond: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 4: ``L_h^(t)(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2`` (a mean), and that x_{t-1}.
 
-    A function of tensors only, after its three fixed arguments, so that an optimiser-step
-    runner (:mod:`hifi.execution`) can capture it once and replay it at every step and for
-    every image. ``out_cond`` (optional) is eps(x_t, c), computed once per step without
-    gradients (:func:`~hifi.algorithms.sampling.guided_ddim_step`).
+    ``phi`` is phi_t's sequence; ``null`` the null condition whose extras it keeps
+    (:mod:`hifi.kernels.condition`). A function of tensors (and conditions) only, after its
+    three fixed arguments, so that an optimiser-step runner (:mod:`hifi.execution`) can
+    capture it once and replay it at every step and for every image. ``out_cond``
+    (optional) is eps(x_t, c), computed once per step without gradients
+    (:func:`~hifi.algorithms.sampling.guided_ddim_step`).
     """
     step = DdimStep(t, alpha_t, alpha_prev)
-    x_prev = guided_ddim_step(model, grid, x, step, cond, phi, guidance, *out_cond)
+    x_prev = guided_ddim_step(model, grid, x, step, cond, null.with_sequence(phi), guidance, *out_cond)
     return F.mse_loss(x_prev.float(), target), x_prev
 
 
@@ -119,8 +123,8 @@ def null_text_inversion(
     model: Model,
     grid: DdimGrid,
     x_0: Tensor,
-    cond: Tensor,
-    uncond: Tensor,
+    cond: Condition,
+    uncond: Condition,
     config: NullTextConfig | None = None,
     *,
     optimiser: StepFactory = adam_steps,
@@ -128,8 +132,8 @@ def null_text_inversion(
 ) -> NullTextInversion:
     """Invert ``x_0`` ``[1, C, h, w]`` under caption ``cond`` and learn one phi_t per step (Eq. 4).
 
-    ``grid`` is the DDIM grid of ``config.num_steps`` steps; ``uncond`` is phi ``[1, L, D]``,
-    the start of phi_T. Each step takes at most K (``config.inner_steps``) Adam updates
+    ``grid`` is the DDIM grid of ``config.num_steps`` steps; ``uncond`` is phi (batch 1),
+    whose sequence is the start of phi_T. Each step takes at most K (``config.inner_steps``) Adam updates
     through ``optimiser`` and stops early once the loss is below ``config.tolerance``. phi
     is optimised in float32 whatever the model's dtype. ``model`` and ``optimiser`` arrive
     ready from the edge (eager, compiled or CUDA graphs: :mod:`hifi.execution.edge`).
@@ -143,9 +147,9 @@ def null_text_inversion(
         trajectory = ddim_invert(model, grid, x_0, cond)
     loss_fn = Bound(null_text_loss, model, grid, guidance)
 
-    phi = uncond.detach().float()
+    phi = uncond.sequence.detach().float()
     runner = optimiser(loss_fn, phi, config.lr)
-    phis: list[Tensor] = []
+    phis: list[Condition] = []
     losses: list[float] = []
     iterations: list[int] = []
     x = trajectory[-1]
@@ -154,7 +158,7 @@ def null_text_inversion(
         target = trajectory[grid.num_steps - 1 - i].float()
         with torch.no_grad():
             out_cond = () if config.naive else (model(x, on.t, cond),)
-        inputs = (x, on.t, on.alpha_t, on.alpha_prev, cond, target, *out_cond)
+        inputs = (x, on.t, on.alpha_t, on.alpha_prev, cond, uncond, target, *out_cond)
         runner.restart(phi)  # a fresh Adam for each step, from phi_{t+1}*
         # K updates need K + 1 evaluations: each update returns the loss and x_{t-1} at the
         # value it started from; a step that stops early puts that value back.
@@ -170,7 +174,7 @@ def null_text_inversion(
                     runner.param.copy_(before)
                 break
         phi = runner.param.detach().clone()
-        phis.append(phi.to(uncond.dtype))
+        phis.append(uncond.with_sequence(phi.to(uncond.dtype)))
         losses.append(loss.item())
         iterations.append(k)
         x = x_prev.detach()
@@ -184,15 +188,15 @@ def null_text_sample(
     model: Model,
     grid: DdimGrid,
     x_T: Tensor,
-    cond: Tensor | Sequence[Tensor],
-    phis: Sequence[Tensor],
+    cond: Condition | Sequence[Condition],
+    phis: Sequence[Condition],
     *,
     guidance: float,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Guided DDIM with one null embedding per step: x_{t-1} = F^(t)(x_t, c^t, phi_t*) (Eq. 1).
 
-    ``cond`` is one embedding for every step or one per step (``[c^g, c_s^t]``, Eq. 7);
+    ``cond`` is one condition for every step or one per step (``[c^g, c_s^t]``, Eq. 7);
     ``phis`` come from :func:`null_text_inversion` along the same ``grid``.
     The batch may hold several samples (the reconstruction and the edit of Algorithm 3).
     """

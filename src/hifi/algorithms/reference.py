@@ -36,6 +36,7 @@ from hifi.algorithms.sampling import ddim_invert
 from hifi.algorithms.subject import Subject, content_tokens
 from hifi.errors import HifiError
 from hifi.execution.edge import StepFactory, adam_steps
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid
 from hifi.kernels.latents import binarize_mask
 from hifi.kernels.losses import resize_mask
@@ -281,7 +282,7 @@ def invert_reference(
     run = model or backend.denoise
     with torch.no_grad(), _progress(progress, num_steps, "inversion") as bar:
 
-        def counted(x: Tensor, t: int, cond: Tensor) -> Tensor:
+        def counted(x: Tensor, t: int, cond: Condition) -> Tensor:
             bar.update()
             return run(x, t, cond)
 

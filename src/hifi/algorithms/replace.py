@@ -31,6 +31,7 @@ from hifi.algorithms.sampling import StepCallback
 from hifi.algorithms.subject import SUBJECT_SLOT, Subject, content_tokens
 from hifi.errors import HifiError
 from hifi.execution.edge import StepFactory, adam_steps
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid
 from hifi.kernels.token_align import align_tokens, swap_word
 from hifi.protocols.denoiser import DenoiserBackend, Model
@@ -79,7 +80,7 @@ def _attention_rows(guidance: float) -> tuple[int, int]:
 def prompt_to_prompt(
     backend: DenoiserBackend,
     inversion: NullTextInversion,
-    edit_cond: Tensor | Sequence[Tensor],
+    edit_cond: Condition | Sequence[Condition],
     index: Tensor,
     own: Tensor,
     *,
@@ -96,8 +97,8 @@ def prompt_to_prompt(
     backend's attention processors are restored afterwards, also after an error.
     """
     steps = inversion.num_steps
-    edit_conds = [edit_cond] * steps if isinstance(edit_cond, Tensor) else list(edit_cond)
-    conds = [torch.cat([inversion.cond, c.to(inversion.cond.dtype)]) for c in edit_conds]
+    edit_conds = [edit_cond] * steps if isinstance(edit_cond, Condition) else list(edit_cond)
+    conds = [Condition.cat([inversion.cond, c]) for c in edit_conds]
     source_row, target_row = _attention_rows(inversion.guidance)
     controller: AttentionController = AttentionReplace(index, own, source_row, target_row)
     if observer is not None:
@@ -162,7 +163,7 @@ def edit_image(
         x_0 = backend.encode_images(images)
         cond = backend.encode_text([caption])
         if subject is None:
-            edit_cond: Tensor | list[Tensor] = backend.encode_text([edited_caption])
+            edit_cond: Condition | list[Condition] = backend.encode_text([edited_caption])
         else:
             edit_cond = subject.conditions(subject.encode(backend, [edited_caption]), grid.timesteps)
             edited_caption = subject.render_prompt(edited_caption)  # the wording that was encoded

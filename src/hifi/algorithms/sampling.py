@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, DdimStep, cfg_combine, ddim_inverse_step, ddim_step
 from hifi.protocols.denoiser import Model
 
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-def guided_output(model: Model, x: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None,
+def guided_output(model: Model, x: Tensor, t: int | Tensor, cond: Condition, uncond: Condition | None,
                   w: float) -> Tensor:
     """The classifier-free-guided model output ``w*eps(x,c) + (1-w)*eps(x,phi)`` (inside Eq. 1).
 
@@ -42,15 +43,13 @@ def guided_output(model: Model, x: Tensor, t: int | Tensor, cond: Tensor, uncond
     if uncond is None or w == 1.0:
         return model(x, t, cond)
     batch = x.shape[0]
-    out = model(
-        torch.cat([x, x]), t, torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
-    )
+    out = model(torch.cat([x, x]), t, Condition.cat([uncond.expand(batch), cond.expand(batch)]))
     out_uncond, out_cond = out.chunk(2)
     return cfg_combine(out_cond, out_uncond, w)
 
 
 def guided_ddim_step(
-    model: Model, grid: DdimGrid, x: Tensor, step: DdimStep, cond: Tensor, phi: Tensor | None, w: float,
+    model: Model, grid: DdimGrid, x: Tensor, step: DdimStep, cond: Condition, phi: Condition | None, w: float,
     out_cond: Tensor | None = None,
 ) -> Tensor:
     """Eq. 1: ``x_{t-1} = F^(t)(x_t, c, phi) = beta_t x_t - gamma_t (w eps(x_t, c) + (1 - w) eps(x_t, phi))``.
@@ -62,16 +61,16 @@ def guided_ddim_step(
     (:meth:`~hifi.kernels.ddim.DdimStep.on`), so one captured graph serves every timestep.
     """
     if out_cond is None:
-        out = guided_output(model, x, step.t, cond, None if phi is None else phi.to(x.dtype), w)
+        out = guided_output(model, x, step.t, cond, None if phi is None else phi.to(dtype=x.dtype), w)
     else:
         assert phi is not None, "the unconditional branch needs phi"
-        out = cfg_combine(out_cond, model(x, step.t, phi.to(x.dtype)), w)
+        out = cfg_combine(out_cond, model(x, step.t, phi.to(dtype=x.dtype)), w)
     schedule = grid.schedule
     return ddim_step(out, x, step.alpha_t, step.alpha_prev, schedule.prediction_type, schedule.clip_sample_range)
 
 
 def inverse_ddim_step(
-    model: Model, grid: DdimGrid, x: Tensor, step: DdimStep, cond: Tensor, uncond: Tensor | None = None,
+    model: Model, grid: DdimGrid, x: Tensor, step: DdimStep, cond: Condition, uncond: Condition | None = None,
     w: float = 1.0,
 ) -> Tensor:
     """Eq. 3: ``x_t = F^-1(t)(x_{t-1}, c)``, the DDIM map of ``step`` run towards more noise.
@@ -83,9 +82,9 @@ def inverse_ddim_step(
     return ddim_inverse_step(out, x, step.alpha_prev, step.alpha_t, grid.schedule.prediction_type)
 
 
-def per_step(cond: Tensor | Sequence[Tensor], num_steps: int) -> Sequence[Tensor]:
-    """One embedding per denoising step: a single tensor repeated, or a sequence checked for length."""
-    if isinstance(cond, Tensor):
+def per_step(cond: Condition | Sequence[Condition], num_steps: int) -> Sequence[Condition]:
+    """One condition per denoising step: a single one repeated, or a sequence checked for length."""
+    if isinstance(cond, Condition):
         return [cond] * num_steps
     if len(cond) != num_steps:
         raise ValueError(f"got {len(cond)} step-wise conditions for {num_steps} steps")
@@ -96,15 +95,15 @@ def ddim_sample(
     model: Model,
     grid: DdimGrid,
     x_T: Tensor,
-    cond: Tensor | Sequence[Tensor],
+    cond: Condition | Sequence[Condition],
     *,
-    uncond: Tensor | Sequence[Tensor] | None = None,
+    uncond: Condition | Sequence[Condition] | None = None,
     guidance: float = 7.5,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Denoise x_T to x_0 along ``grid``, x_{t-1} = F^(t)(x_t, c, phi) (Eq. 1).
 
-    ``cond`` is one text embedding for every step, or one per step in denoising order:
+    ``cond`` is one text condition for every step, or one per step in denoising order:
     the step-wise ``[c, c_s^t]`` of Eq. 7. ``uncond`` likewise: phi, or one phi_t per step
     (the learned null embeddings of null-text inversion, Eq. 4).
     """
@@ -122,9 +121,9 @@ def ddim_invert(
     model: Model,
     grid: DdimGrid,
     x_0: Tensor,
-    cond: Tensor,
+    cond: Condition,
     *,
-    uncond: Tensor | None = None,
+    uncond: Condition | None = None,
     guidance: float = 1.0,
 ) -> list[Tensor]:
     """DDIM inversion x_0 -> x_T along ``grid``, x_{t+1} = F^-1(t)(x_t, c) (Eq. 3); the whole trajectory.

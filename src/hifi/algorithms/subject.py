@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from hifi.errors import HifiError
+from hifi.kernels.condition import Condition
 from hifi.kernels.losses import splice_subject
 from hifi.protocols.denoiser import DenoiserBackend, textual_inversion
 
@@ -113,8 +114,8 @@ class Subject:
             f" {self.class_name!r} where the subject goes"
         )
 
-    def encode(self, backend: DenoiserBackend, prompts: Sequence[str]) -> Tensor:
-        """The prompt embeddings c ``[B, L, D]`` in this mode's wording (before any c_s)."""
+    def encode(self, backend: DenoiserBackend, prompts: Sequence[str]) -> Condition:
+        """The prompts' conditions c in this mode's wording (before any c_s)."""
         rendered = [self.render_prompt(p) for p in prompts]
         if self.mode == "classic-ti":
             assert self.token_vector is not None
@@ -129,7 +130,7 @@ class Subject:
         nearest = min(self.stepwise, key=lambda k: (abs(k - t), k))
         return self.stepwise[nearest]
 
-    def conditions(self, c: Tensor, timesteps: Sequence[int]) -> list[Tensor]:
+    def conditions(self, c: Condition, timesteps: Sequence[int]) -> list[Condition]:
         """``[c, c_s^t]`` for each timestep of a DDIM grid (Eq. 7); plain c without c_s."""
         if self.mode != "hifi":
             return [c] * len(timesteps)

@@ -20,6 +20,7 @@ from hifi.algorithms.subject import Subject
 from hifi.algorithms.tune_loop import TuneLoop, adam_state, check_loss
 from hifi.execution.edge import Bound, StepFactory
 from hifi.execution.fastpath import AdamStep
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid
 from hifi.kernels.losses import noise_loss, ridge_to_null, splice_subject, subject_slots
 from hifi.protocols.denoiser import Model
@@ -32,7 +33,7 @@ before every checkpoint), instead of twice a step: on a GPU a read-back stalls t
 
 
 def c_s_loss(
-    model: Model, reg_weight: float, c_s: Tensor, x_t: Tensor, ts: Tensor, target: Tensor, c: Tensor,
+    model: Model, reg_weight: float, c_s: Tensor, x_t: Tensor, ts: Tensor, target: Tensor, c: Condition,
     phi_s: Tensor, *mask: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 6: ``||M * (eps_theta(x_t, [c, c_s]) - eps)||^2 + w_s ||c_s - phi_s||^2``, and its noise term.
@@ -47,7 +48,7 @@ def c_s_loss(
     return noise, noise
 
 
-def optimise_c_s(loop: TuneLoop, runner: AdamStep, extras: tuple[Tensor, ...], stage: str, first: int, last: int,
+def optimise_c_s(loop: TuneLoop, runner: AdamStep, extras: tuple[Any, ...], stage: str, first: int, last: int,
                  t: int | None, checkpoint: Callable[[int], dict[str, Any]] | None = None) -> None:
     """Steps ``first..last-1`` of Eq. 6 on the runner's c_s (global stage: t random; step-wise: t fixed).
 
@@ -79,7 +80,7 @@ def optimise_c_s(loop: TuneLoop, runner: AdamStep, extras: tuple[Tensor, ...], s
 
 
 def stepwise_subject(
-    loop: TuneLoop, optimiser: StepFactory, loss: Callable[..., tuple[Tensor, Tensor]], extras: tuple[Tensor, ...],
+    loop: TuneLoop, optimiser: StepFactory, loss: Callable[..., tuple[Tensor, Tensor]], extras: tuple[Any, ...],
     c_s: Tensor, done: Mapping[int, Tensor] | None = None,
 ) -> dict[int, Tensor]:
     """Algorithm 1: one c_s^t per DDIM timestep, t = T..1, each from c_s^(t+1) by I steps of Eq. 6 at t.

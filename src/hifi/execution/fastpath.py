@@ -18,9 +18,10 @@ forward, each in one of three modes (:data:`ACCEL_MODES`):
   iterations capture needs are undone (the tensor and Adam's state are put back), so the
   sequence of values is the eager one, up to floating-point reordering.
 
-Each mode takes the same inputs in the same order, drawn by the caller from its own seeded
-generator, so a switch of mode changes the speed, not the random stream; tests check the
-modes agree within tolerance (``tests/test_fastpath.py``).
+Inputs are tensors or pytrees of tensors (a :class:`~hifi.kernels.condition.Condition`
+is one): a graph copies their leaves. Each mode takes the same inputs in the same order,
+drawn by the caller from its own seeded generator, so a switch of mode changes the speed,
+not the random stream; tests check the modes agree within tolerance (``tests/test_fastpath.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from hifi.errors import HifiError
 
@@ -69,7 +71,7 @@ class AdamStep:
         self.optimizer = torch.optim.Adam([param], lr=lr, capturable=mode == "graph")
         self._compiled: LossFn | None = None
         self._graph: Any = None
-        self._static_in: tuple[Tensor, ...] = ()
+        self._static_in: tuple[Any, ...] = ()
         self._static_out: tuple[Tensor, ...] = ()
         if mode == "compile":
             how = "reduce-overhead" if param.device.type == "cuda" else None
@@ -100,7 +102,7 @@ class AdamStep:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, *inputs: Any) -> tuple[Tensor, ...]:
         with torch.enable_grad():  # a step differentiates, whatever the caller's mode
             if self.accel == "graph":
                 return self._replay(inputs)
@@ -111,17 +113,16 @@ class AdamStep:
             self.optimizer.step()
             return tuple(o.detach() for o in outputs)
 
-    def _replay(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def _replay(self, inputs: tuple[Any, ...]) -> tuple[Tensor, ...]:
         if self._graph is None:
             self._capture(inputs)
-        for static, value in zip(self._static_in, inputs, strict=True):
-            static.copy_(value, non_blocking=True)
+        _copy_leaves(self._static_in, inputs)
         self._graph.replay()
         return tuple(o.clone() for o in self._static_out)
 
-    def _capture(self, inputs: tuple[Tensor, ...], warmup: int = 3) -> None:
+    def _capture(self, inputs: tuple[Any, ...], warmup: int = 3) -> None:
         """Capture forward, backward and Adam in one CUDA graph (PyTorch's whole-network recipe)."""
-        self._static_in = tuple(x.detach().clone() for x in inputs)
+        self._static_in = _static_copy(inputs)
         before = self.param.detach().clone()
         fresh = not self.optimizer.state
         saved = {k: (v.clone() if isinstance(v, Tensor) else v)
@@ -152,6 +153,22 @@ class AdamStep:
                         tensor.copy_(torch.as_tensor(saved[key], dtype=tensor.dtype, device=tensor.device))
 
 
+def _static_copy(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Detached copies of every tensor in ``inputs`` (tensors or pytrees of them): a graph's static inputs."""
+    copied: tuple[Any, ...] = pytree.tree_map(lambda x: x.detach().clone(), inputs)
+    return copied
+
+
+def _copy_leaves(static: tuple[Any, ...], inputs: tuple[Any, ...]) -> None:
+    """Copy ``inputs`` into a graph's static inputs of the same structure; a clear error for another one."""
+    targets, spec = pytree.tree_flatten(static)
+    values, other = pytree.tree_flatten(inputs)
+    if spec != other:
+        raise HifiError("a captured step was called with inputs of another structure than it was captured with")
+    for target, value in zip(targets, values, strict=True):
+        target.copy_(value, non_blocking=True)
+
+
 # -- no-gradient forwards -------------------------------------------------------------------
 
 
@@ -167,34 +184,35 @@ class StaticCall:
     (after a warm-up call on a side stream, as PyTorch's recipe asks) and replayed after:
     the inputs are copied into the graph's static tensors and the outputs cloned out, so a
     caller may keep them. Calls made while gradients are enabled run ``fn`` eagerly: a
-    captured graph has no autograd. Every input must be a tensor on the graph's device.
+    captured graph has no autograd. Every input must be a tensor on the graph's device, or
+    a pytree of them (a :class:`~hifi.kernels.condition.Condition`).
     """
 
     def __init__(self, fn: Callable[..., Tensor], device: torch.device | str, accel: str = "eager") -> None:
         self.fn, self.device = fn, torch.device(device)
         self.accel = check_accel(accel, self.device)
         self._compiled: Callable[..., Tensor] | None = None
-        self._graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
+        self._graphs: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...], Tensor]] = {}
         if self.accel == "compile":
             how = "reduce-overhead" if self.device.type == "cuda" else None
             self._compiled = cast(Callable[..., Tensor], torch.compile(fn, mode=how, dynamic=False))
 
-    def __call__(self, *inputs: Tensor) -> Tensor:
+    def __call__(self, *inputs: Any) -> Tensor:
         if torch.is_grad_enabled() or self.accel == "eager":
             return self.fn(*inputs)
         if self._compiled is not None:
             return self._compiled(*inputs).clone()
-        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        leaves, spec = pytree.tree_flatten(inputs)
+        key = (str(spec), *((tuple(x.shape), x.dtype) for x in leaves))
         if key not in self._graphs:
             self._graphs[key] = self._capture(inputs)
         graph, static_in, static_out = self._graphs[key]
-        for static, value in zip(static_in, inputs, strict=True):
-            static.copy_(value, non_blocking=True)
+        _copy_leaves(static_in, inputs)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, inputs: tuple[Tensor, ...]) -> tuple[Any, tuple[Tensor, ...], Tensor]:
-        static_in = tuple(x.detach().clone() for x in inputs)
+    def _capture(self, inputs: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], Tensor]:
+        static_in = _static_copy(inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -206,8 +224,8 @@ class StaticCall:
         return graph, static_in, static_out
 
 
-def accelerate_model(model: Callable[[Tensor, Any, Tensor], Tensor], device: torch.device | str,
-                     accel: str = "eager") -> Callable[[Tensor, Any, Tensor], Tensor]:
+def accelerate_model(model: Callable[[Tensor, Any, Any], Tensor], device: torch.device | str,
+                     accel: str = "eager") -> Callable[[Tensor, Any, Any], Tensor]:
     """A denoiser ``model(x_t, t, cond)`` whose no-gradient calls run in mode ``accel``.
 
     The timestep becomes a device tensor, so one captured graph serves every step of a
@@ -219,7 +237,7 @@ def accelerate_model(model: Callable[[Tensor, Any, Tensor], Tensor], device: tor
     dev = torch.device(device)
     call = StaticCall(lambda x, t, cond: model(x, t, cond), dev, accel)
 
-    def fast(x: Tensor, t: Any, cond: Tensor) -> Tensor:
+    def fast(x: Tensor, t: Any, cond: Any) -> Tensor:
         return call(x, timestep_tensor(t, dev), cond)
 
     return fast

@@ -8,7 +8,9 @@ Layout (all files written atomically)::
                                    the classic-TI vector as "token_vector"; string metadata
                                    (backend, model id, mode, class, caption, tokens ...)
       learned_embeds.safetensors   classic-ti only: {"<hifi-subject>": [D_in]}, the file
-                                   diffusers' ``load_textual_inversion`` reads
+                                   diffusers' ``load_textual_inversion`` reads; on SDXL
+                                   {"clip_l": [1, 768], "clip_g": [1, 1280]}, one vector per
+                                   text encoder, the layout SDXL embedding loaders read
       denoiser.safetensors         dreambooth only: the fine-tuned UNet state dict
       pytorch_lora_weights.safetensors
                                    dreambooth with --lora-rank, instead: the UNet's LoRA adapters
@@ -27,7 +29,7 @@ length, or noise schedule differ).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ __all__ = [
     "MASKS_DIR",
     "RUN_FILE",
     "SAMPLES_DIR",
+    "SDXL_EMBEDDING_KEYS",
     "SOURCES_DIR",
     "SUBJECT_FILE",
     "TI_FILE",
@@ -58,6 +61,7 @@ __all__ = [
     "Run",
     "RunMeta",
     "apply_run",
+    "embedding_tensors",
     "check_compatible",
     "load_run",
     "load_tensors",
@@ -71,6 +75,8 @@ RUN_FILE = "run.json"
 SUBJECT_FILE = "subject.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 DENOISER_FILE = "denoiser.safetensors"
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+"""The keys of an SDXL embedding file, one per text encoder (AUTOMATIC1111's, ComfyUI's and kohya's SDXL layout)."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
 """The name ``StableDiffusionPipeline.save_lora_weights`` writes and ``load_lora_weights(folder)`` looks for."""
 MASKS_DIR = "masks"
@@ -104,6 +110,8 @@ class RunMeta:
     """A LoRA DreamBooth run: the adapters' rank (None: no LoRA)."""
     lora_file: str | None = None
     """A LoRA DreamBooth run: the adapters' file in the run folder (:data:`LORA_FILE`); set by :func:`save_run`."""
+    token_widths: tuple[int, ...] | None = None
+    """A classic-TI run: the token vector's parts, one per text encoder (SDXL: 768 and 1280); None: one part."""
     version: str = __version__
 
     def to_json(self) -> dict[str, Any]:
@@ -114,6 +122,8 @@ class RunMeta:
         fields = {f.name for f in attrs.fields(cls)}
         known = {k: v for k, v in data.items() if k in fields}
         known["sources"] = tuple(known.get("sources", ()))
+        if known.get("token_widths") is not None:
+            known["token_widths"] = tuple(known["token_widths"])
         return cls(**known)
 
 
@@ -154,6 +164,17 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
         raise HifiError(f"{path} is not a readable safetensors file ({err})") from err
 
 
+def embedding_tensors(vector: Tensor, widths: Sequence[int] | None) -> dict[str, Tensor]:
+    """A classic-TI vector as an embedding file holds it: ``{PLACEHOLDER: [D]}`` for one text encoder, and
+    ``{"clip_l": [1, w_1], "clip_g": [1, w_2]}`` for SDXL's two (``widths``: the parts, in order)."""
+    if widths is None or len(widths) == 1:
+        return {PLACEHOLDER: vector}
+    if len(widths) != len(SDXL_EMBEDDING_KEYS) or sum(widths) != vector.shape[-1]:
+        raise HifiError(f"a token vector of width {vector.shape[-1]} does not split into parts {tuple(widths)}")
+    parts = vector.split(list(widths))
+    return {key: part[None] for key, part in zip(SDXL_EMBEDDING_KEYS, parts, strict=True)}
+
+
 def save_run(
     run_dir: Path,
     subject: Subject,
@@ -175,7 +196,7 @@ def save_run(
         tensors[f"c_s_t{t:04d}"] = v
     if subject.token_vector is not None:
         tensors["token_vector"] = subject.token_vector
-        save_tensors(run_dir / TI_FILE, {PLACEHOLDER: subject.token_vector})
+        save_tensors(run_dir / TI_FILE, embedding_tensors(subject.token_vector, meta.token_widths))
     if not tensors:
         tensors["empty"] = torch.zeros(0)  # dreambooth: the subject is in the denoiser's weights or LoRA
     string_meta = {

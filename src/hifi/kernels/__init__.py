@@ -2,6 +2,7 @@
 
 - :mod:`hifi.kernels.ddim`: DDIM step and inverse step (Eq. 1, 3), the schedule value,
   the DDIM grid (:class:`~hifi.kernels.ddim.DdimGrid`), classifier-free guidance.
+- :mod:`hifi.kernels.condition`: the text condition value (sequence + a model's extras).
 - :mod:`hifi.kernels.losses`: noise loss (Eq. 2), masked loss (Eq. 5), ridge-to-null
   regulariser (Eq. 6), the splice ``[c, c_s]``.
 - :mod:`hifi.kernels.transform`: the similarity transform, its Chamfer objective and fit

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hifi.kernels.condition import Condition
+
 __all__ = [
     "masked_mse",
     "noise_loss",
@@ -86,27 +88,30 @@ def ridge_to_null(c_s: Tensor, phi_s: Tensor, w_s: float) -> Tensor:
     return w_s * ((c_s - phi_s) ** 2).sum()
 
 
-def subject_slots(embedding: Tensor, n: int) -> Tensor:
-    """The last n positions of a text-encoder output sequence ``[B, L, D]`` -> ``[B, n, D]``.
+def subject_slots(condition: Condition, n: int) -> Tensor:
+    """The last n positions of a condition's text sequence ``[B, L, D]`` -> ``[B, n, D]``.
 
-    Applied to the null-text embedding phi this is phi_s, the start and anchor of c_s.
+    Applied to the null condition phi this is phi_s, the start and anchor of c_s.
     """
-    if not 0 < n < embedding.shape[-2]:
-        raise ValueError(f"n must be in 1..{embedding.shape[-2] - 1}, got {n}")
-    return embedding[..., -n:, :]
+    sequence = condition.sequence
+    if not 0 < n < sequence.shape[-2]:
+        raise ValueError(f"n must be in 1..{sequence.shape[-2] - 1}, got {n}")
+    return sequence[..., -n:, :]
 
 
-def splice_subject(c: Tensor, c_s: Tensor) -> Tensor:
-    """The splice ``[c, c_s]`` of Eq. 6 and 7: replace the last n positions of ``c`` with c_s.
+def splice_subject(c: Condition, c_s: Tensor) -> Condition:
+    """The splice ``[c, c_s]`` of Eq. 6 and 7: replace the last n positions of c's sequence with c_s.
 
-    ``c`` is a text-encoder output ``[B, L, D]``; ``c_s`` is ``[n, D]`` (shared by the batch)
-    or ``[B, n, D]``. The last positions of a CLIP output are padding, so with c_s equal to
+    ``c`` holds a text-encoder output ``[B, L, D]`` (its extras, e.g. SDXL's pooled
+    embedding, stay the prompt's); ``c_s`` is ``[n, D]`` (shared by the batch) or
+    ``[B, n, D]``. The last positions of a CLIP output are padding, so with c_s equal to
     them the splice returns c unchanged.
     """
+    sequence = c.sequence
     n = c_s.shape[-2]
-    if not 0 < n < c.shape[-2]:
-        raise ValueError(f"c_s has {n} tokens but the sequence has only {c.shape[-2]} positions")
+    if not 0 < n < sequence.shape[-2]:
+        raise ValueError(f"c_s has {n} tokens but the sequence has only {sequence.shape[-2]} positions")
     if c_s.dim() == 2:
         c_s = c_s.unsqueeze(0)
-    c_s = c_s.to(c.dtype).expand(c.shape[0], -1, -1)
-    return torch.cat([c[:, :-n], c_s], dim=1)
+    c_s = c_s.to(sequence.dtype).expand(sequence.shape[0], -1, -1)
+    return c.with_sequence(torch.cat([sequence[:, :-n], c_s], dim=1))

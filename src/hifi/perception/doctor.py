@@ -32,8 +32,9 @@ def runtime_versions() -> dict[str, str]:
     return versions
 
 
-_SD_BACKENDS = ("sd14", "sd14-fp16")
-"""Backends that read their weights from HIFI_SD_MODEL (see hifi_backends.stable_diffusion)."""
+_SD_BACKENDS = {"sd14": ("Stable Diffusion", "HIFI_SD_MODEL"), "sd14-fp16": ("Stable Diffusion", "HIFI_SD_MODEL"),
+                "sdxl": ("Stable Diffusion XL", "HIFI_SDXL_MODEL"), "sdxl-fp16": ("Stable Diffusion XL", "HIFI_SDXL_MODEL")}
+"""Backends that read their weights from an environment variable (hifi_backends.stable_diffusion, .sdxl)."""
 
 Slot = ModelSlot | BundledModel
 """What a factory lists in its ``model_slots``."""
@@ -42,7 +43,7 @@ Slot = ModelSlot | BundledModel
 def _backend_slots(name: str, factory: Factory | None) -> tuple[Slot, ...]:
     slots: tuple[Slot, ...] = getattr(factory, "model_slots", ())
     if not slots and name in _SD_BACKENDS:
-        return (ModelSlot("Stable Diffusion", "HIFI_SD_MODEL"),)
+        return (ModelSlot(*_SD_BACKENDS[name]),)
     return slots
 
 

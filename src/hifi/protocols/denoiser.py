@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from hifi.errors import HifiError
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import Schedule
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "textual_inversion",
 ]
 
-Model = Callable[[Tensor, Any, Tensor], Tensor]
+Model = Callable[[Tensor, Any, Condition], Tensor]
 """The model callable the algorithms run: ``model(x_t, t, cond) -> output`` (a backend's
 ``denoise``, an accelerated wrapper of it from :mod:`hifi.execution.edge`, or a function
 with an exact answer in a test)."""
@@ -40,9 +41,11 @@ class DenoiserBackend(Protocol):
 
     Conventions: images are ``[B, 3, H, W]`` floats in [-1, 1]; latents are
     ``[B, latent_channels, H / vae_scale_factor, W / vae_scale_factor]``, already multiplied
-    by the VAE's scaling factor; text embeddings are the text encoder's full output
-    sequence ``[B, max_length, text_width]`` (the c of the paper, including padding
-    positions, whose last n slots c_s replaces).
+    by the VAE's scaling factor; a text condition is a :class:`~hifi.kernels.condition.Condition`:
+    the text encoder's full output sequence ``[B, max_length, text_width]`` (the c of the
+    paper, including padding positions, whose last n slots c_s replaces) and the model's
+    extra conditions, which no algorithm looks into (SDXL's pooled embedding and time ids;
+    none for SD 1.x and 2.x).
     """
 
     name: str
@@ -58,7 +61,7 @@ class DenoiserBackend(Protocol):
     max_length: int
     """Text sequence length L (77 for Stable Diffusion)."""
     text_width: int
-    """Text embedding width D (768 for SD 1.x, 1024 for SD 2.x)."""
+    """Text embedding width D (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
 
     @property
     def device(self) -> torch.device: ...
@@ -68,13 +71,14 @@ class DenoiserBackend(Protocol):
 
     def encode_text(
         self, prompts: Sequence[str], token_embeddings: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        """Text-encoder output sequences ``[B, L, D]`` for the prompts.
+    ) -> Condition:
+        """The text conditions of the prompts: sequences ``[B, L, D]`` and the model's extras.
 
         ``token_embeddings`` maps a placeholder word (e.g. ``"<hifi-subject>"``) to an
         input-embedding vector ``[D_in]`` that replaces that word's token embedding before
         the text encoder runs: the classic Textual Inversion parameterisation (Eq. 2),
-        differentiable with respect to the vector.
+        differentiable with respect to the vector (with several text encoders, D_in is
+        their input widths one after another).
         """
         ...
 
@@ -85,11 +89,11 @@ class DenoiserBackend(Protocol):
         """
         ...
 
-    def null_embedding(self) -> Tensor:
-        """phi, the text-encoder output for the empty prompt, ``[1, L, D]``."""
+    def null_embedding(self) -> Condition:
+        """phi, the null condition of classifier-free guidance, batch 1 (the empty prompt's, or zeros for SDXL)."""
         ...
 
-    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Tensor) -> Tensor:
+    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Condition) -> Tensor:
         """The denoiser output (noise or v, per the schedule) for latents at timestep t."""
         ...
 
@@ -126,6 +130,11 @@ class DenoiserBackend(Protocol):
 @runtime_checkable
 class TextualInversionBackend(Protocol):
     """A backend whose tokenizer can take a new word with a learnable input embedding (classic TI, Eq. 2)."""
+
+    @property
+    def input_widths(self) -> tuple[int, ...]:
+        """Each text encoder's input-embedding width: a token vector is these parts, in order (SDXL: 768, 1280)."""
+        ...
 
     def add_placeholder_token(self, word: str) -> int:
         """Add ``word`` as one new token (no-op when it is there already); its token id."""

@@ -22,6 +22,13 @@ classic-ti, a1111 / comfyui / kohya
     takes ``string_to_param``, else its model's key, else the file's first tensor;
     prompts say ``embedding:NAME``). diffusers' ``load_textual_inversion(FILE, token=NAME)``
     reads it too (one key: the vector).
+classic-ti on SDXL, every format
+    ``{"clip_l": float32 [1, 768], "clip_g": float32 [1, 1280]}`` (the run's own
+    ``learned_embeds.safetensors``): one vector per text encoder, the SDXL embedding layout
+    that AUTOMATIC1111 and ComfyUI read from their embeddings folders and kohya's
+    ``sdxl_train_textual_inversion.py`` writes; diffusers reads it with one
+    ``load_textual_inversion`` per text encoder
+    (:func:`hifi.io.diffusers_compat.load_sdxl_embedding`).
 dreambooth, diffusers
     ``OUT/unet/config.json`` and ``OUT/unet/diffusion_pytorch_model.safetensors``: the
     fine-tuned UNet as ``UNet2DConditionModel.save_pretrained`` writes it (its config as
@@ -64,7 +71,16 @@ from torch import Tensor
 from hifi.algorithms.subject import PLACEHOLDER
 from hifi.errors import HifiError
 from hifi.io.images import atomic_path, check_writable
-from hifi.io.runs import LORA_FILE, TI_FILE, Run, apply_run, load_run, load_tensors, save_tensors
+from hifi.io.runs import (
+    LORA_FILE,
+    TI_FILE,
+    Run,
+    apply_run,
+    embedding_tensors,
+    load_run,
+    load_tensors,
+    save_tensors,
+)
 from hifi.registry import backend_options, load_backend
 
 __all__ = ["EXPORTS", "FORMATS", "DiffusersUNetBackend", "ExportResult", "Refusal", "Writer", "export_run", "run_kind"]
@@ -137,14 +153,23 @@ def _token_vector(run: Run) -> Tensor:
     return vector.float()
 
 
+def _sdxl(run: Run) -> bool:
+    """Whether the run's token vector has one part per SDXL text encoder (the ``clip_l``/``clip_g`` layout)."""
+    return run.meta.token_widths is not None and len(run.meta.token_widths) > 1
+
+
 def _write_diffusers_embedding(run: Run, out: Path) -> tuple[Path, ...]:
     path = out / TI_FILE
-    save_tensors(path, {PLACEHOLDER: _token_vector(run)}, _metadata(run, PLACEHOLDER))
+    save_tensors(path, embedding_tensors(_token_vector(run), run.meta.token_widths), _metadata(run, PLACEHOLDER))
     return (path,)
 
 
 def _write_embedding_file(run: Run, out: Path) -> tuple[Path, ...]:
-    save_tensors(out, {EMBEDDING_KEY: _token_vector(run)[None]}, _metadata(run, out.stem))
+    if _sdxl(run):
+        tensors = embedding_tensors(_token_vector(run), run.meta.token_widths)
+    else:
+        tensors = {EMBEDDING_KEY: _token_vector(run)[None]}
+    save_tensors(out, tensors, _metadata(run, out.stem))
     return (out,)
 
 
@@ -282,4 +307,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> ExportResult:
     _check_out(target, entry, fmt)
     files = entry.write(run, target)
     note = entry.note.format(out=target, name=target.stem, words=run.subject.subject_words(), model=run.meta.model_id)
+    if _sdxl(run) and fmt == "diffusers":
+        note = (f"hifi.io.diffusers_compat.load_sdxl_embedding(pipe, '{files[0]}') loads it into both text encoders"
+                f" of a StableDiffusionXLPipeline; prompts name the subject {run.subject.subject_words()}")
     return ExportResult(files=files, note=note)

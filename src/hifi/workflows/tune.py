@@ -30,7 +30,7 @@ from hifi.io.runs import (
     save_run,
     write_jsonl,
 )
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, textual_inversion
 from hifi.workflows.photos import load_subject_photos
 
 __all__ = ["TuneOutcome", "tune_to_run"]
@@ -105,6 +105,7 @@ def tune_to_run(
         max_length=backend.max_length, schedule=backend.schedule.to_config(), num_steps=config.num_steps,
         sources=photos.names, masks=photos.mask_source if config.use_mask else "none", config=config.resolved(),
         peak_memory=peak_memory(backend.device), lora_rank=config.lora_rank,
+        token_widths=textual_inversion(backend).input_widths if config.mode == "classic-ti" else None,
     )
     write_jsonl(run_dir / LOSSES_FILE, result.losses)
     if samples > 0:
