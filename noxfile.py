@@ -37,5 +37,6 @@ def bench(session: nox.Session) -> None:
         session.run("python", "-m", "benchmarks.run", *session.posargs)
         return
     session.run("python", "-m", "benchmarks.run", "--backend", "tiny", "--name", "tiny-cpu", "--accel", "compile")
+    session.run("python", "-m", "benchmarks.run", "--backend", "tiny-sdxl", "--name", "tiny-sdxl-cpu")
     session.run("python", "-m", "benchmarks.run", "--arch", "sd14", "--sample-size", "8", "--batch", "3",
                 "--steps", "10", "--loop-steps", "3", "--repeats", "2", "--name", "sd14-64px-cpu")

@@ -1,7 +1,10 @@
-"""The full-size path on a GPU: SD1.4's architecture with random weights, every stage, every precision.
+"""The full-size path on a GPU: SD1.4's (or SDXL's) architecture with random weights, every stage, every precision.
 
     python -m benchmarks.gpu_check                              # cuda: sd14 at 512x512, fp32/fp16/bf16, sdpa+xformers
+    python -m benchmarks.gpu_check --backend sdxl --sample-size 128 --precisions bf16 --attention sdpa \
+        --gradient-checkpointing                                # cuda: SDXL at 1024x1024, bf16
     python -m benchmarks.gpu_check --device cpu --backend tiny  # CPU mode (CI): the tiny backend, fp32, sdpa
+    python -m benchmarks.gpu_check --device cpu --backend tiny-sdxl   # the same on the tiny SDXL
 
 For each precision and attention kernel it builds the backend (no download: random weights
 from the shipped configs, ``build_random_architecture``), then runs, timed, with the peak
@@ -46,7 +49,7 @@ from hifi.algorithms.tune import TuneConfig, tune
 from hifi.io.images import atomic_path
 from hifi.io.synthetic import draw_subject_photos
 from hifi.perception import Perception, default_perception
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, gradient_checkpointing
 from hifi.registry import load_backend
 from hifi.workflows.photos import load_subject_photos
 
@@ -107,8 +110,12 @@ class Recorder:
 
 def build_backend(args: argparse.Namespace, precision: str, attention: str) -> DenoiserBackend:
     """The backend under test with the attention kernel set; raises where the kernel does not load."""
-    if args.backend == "tiny":
-        backend = load_backend("tiny", device=args.device)
+    if args.backend in ("tiny", "tiny-sdxl"):
+        backend = load_backend(args.backend, device=args.device)
+    elif args.backend == "sdxl":
+        from hifi_backends.sdxl import build_random_sdxl
+
+        backend = build_random_sdxl(sample_size=args.sample_size, device=args.device, dtype=PRECISIONS[precision])
     else:
         from hifi_backends.stable_diffusion import build_random_architecture
 
@@ -143,7 +150,8 @@ def run_stages(backend: DenoiserBackend, args: argparse.Namespace, rec: Recorder
         if stage == "global":  # the loss is read back per step, so the clock is synchronised here
             global_end[:] = [time.perf_counter()]
 
-    config = TuneConfig(steps=args.tune_steps, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps)
+    config = TuneConfig(steps=args.tune_steps, stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps,
+                        gradient_checkpointing=args.gradient_checkpointing)
     start = time.perf_counter()
     with rec.stage("tune"):
         result = tune(backend, images, CLASS_NAME, masks=masks, config=config, on_step=on_step)
@@ -165,7 +173,7 @@ def run_stages(backend: DenoiserBackend, args: argparse.Namespace, rec: Recorder
     perception = Perception(MaskSegmenter(masks[0]), base.embedder, base.captioner)
     settings = ReferenceSettings(num_steps=args.ddim_steps, t_start=args.ddim_steps - 1, t_end=1,
                                  phi_steps=args.phi_steps)
-    with rec.stage("reference_guided"):
+    with rec.stage("reference_guided"), gradient_checkpointing(backend, args.gradient_checkpointing):
         refs = prepare_references(images, masks > 0.5, photos.names, perception.embedder)
         guided = reference_guided_generate(backend, subject, prompt, 0, refs, perception, settings=settings)
     rec.check("reference_guided", guided.image, (3, size, size))
@@ -215,8 +223,11 @@ def _guard(rec: Recorder, name: str, fn: Callable[..., None], *args: Any) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--backend", default="sd14", help="sd14, sd21 (random weights) or tiny")
-    parser.add_argument("--sample-size", type=int, default=64, help="UNet latent side (64: 512x512 images)")
+    parser.add_argument("--backend", default="sd14", help="sd14, sd21, sdxl (random weights), tiny or tiny-sdxl")
+    parser.add_argument("--sample-size", type=int, default=64,
+                        help="UNet latent side (64: 512x512 images; 128: SDXL's 1024x1024)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the UNet's activations in the backward passes of the tune and phi_h steps")
     parser.add_argument("--precisions", default=None, help="comma list (default fp32,fp16,bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--attention", default=None, help="comma list (default sdpa,xformers on cuda, sdpa on cpu)")
     parser.add_argument("--tune-steps", type=int, default=4)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --backend tiny
     python -m benchmarks.run --arch sd14 --sample-size 8        # SD1.4 architecture, 64x64, random weights
+    python -m benchmarks.run --backend tiny-sdxl                # the tiny SDXL; --arch sdxl: SDXL base's architecture
 
 Writes ``benchmarks/results/<name>.json`` and ``.md``: the median time of each stage and
 of its naive counterpart, their ratio, and the process's peak memory (the GPU's peak
@@ -382,7 +383,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="tiny")
-    p.add_argument("--arch", default=None, help="sd14 or sd21: the architecture with random weights")
+    p.add_argument("--arch", default=None, help="sd14, sd21 or sdxl: the architecture with random weights")
     p.add_argument("--sample-size", type=int, default=8, help="latent side for --arch (8 = 64x64 images)")
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--steps", type=int, default=50)
@@ -422,10 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.arch:
+        from hifi_backends.sdxl import build_random_sdxl
         from hifi_backends.stable_diffusion import build_random_architecture
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        sd = build_random_architecture(args.arch, sample_size=args.sample_size, dtype=dtype)
+        build = build_random_sdxl if args.arch == "sdxl" else functools.partial(build_random_architecture, args.arch)
+        sd = build(sample_size=args.sample_size, dtype=dtype)
         if args.channels_last:
             sd.set_channels_last()
         backend: DenoiserBackend = sd

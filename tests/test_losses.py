@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hifi.kernels.condition import Condition
 from hifi.kernels.latents import binarize_mask, substitute_masked
 from hifi.kernels.losses import (
     masked_mse,
@@ -84,15 +85,15 @@ def test_regulariser_value():
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=seeds, n=st.integers(1, 7), batch=st.integers(1, 3))
 def test_splice_with_own_last_positions_returns_c(seed, n, batch):
-    c = _rand(seed, batch, 8, 5)
-    torch.testing.assert_close(splice_subject(c, subject_slots(c, n)), c)
+    c = Condition(_rand(seed, batch, 8, 5))
+    torch.testing.assert_close(splice_subject(c, subject_slots(c, n)).sequence, c.sequence)
 
 
 def test_splice_replaces_only_the_last_n_positions():
-    c = torch.zeros(2, 6, 3)
+    c = Condition(torch.zeros(2, 6, 3))
     c_s = torch.ones(2, 3)
-    out = splice_subject(c, c_s)
-    assert out.shape == c.shape
+    out = splice_subject(c, c_s).sequence
+    assert out.shape == c.sequence.shape
     assert out[:, :4].abs().sum() == 0 and (out[:, 4:] == 1).all()
     with pytest.raises(ValueError):
         splice_subject(c, torch.ones(6, 3))
@@ -101,7 +102,7 @@ def test_splice_replaces_only_the_last_n_positions():
 def test_splice_passes_gradient_to_c_s_only_at_its_slots():
     c = torch.zeros(1, 6, 3, requires_grad=True)
     c_s = torch.zeros(2, 3, requires_grad=True)
-    splice_subject(c, c_s).sum().backward()
+    splice_subject(Condition(c), c_s).sequence.sum().backward()
     assert (c_s.grad == 1).all()
     assert (c.grad[:, :4] == 1).all() and (c.grad[:, 4:] == 0).all()
 

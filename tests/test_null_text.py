@@ -8,6 +8,7 @@ import torch
 from hifi.algorithms.null_text import NullTextConfig, null_text_inversion, null_text_sample
 from hifi.algorithms.sampling import ddim_sample
 from hifi.errors import HifiError
+from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, Schedule
 
 SD_SCHEDULE = Schedule.from_config(
@@ -22,19 +23,20 @@ class StandIn:
     Records, for every call, whether it was the conditional branch and whether autograd was on.
     """
 
-    def __init__(self, cond: torch.Tensor) -> None:
+    def __init__(self, cond: Condition) -> None:
         self.cond = cond
         self.calls: list[tuple[bool, bool]] = []
 
-    def __call__(self, x: torch.Tensor, t: int, c: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: int, c: Condition) -> torch.Tensor:
         self.calls.append((c is self.cond, torch.is_grad_enabled()))
-        return 0.1 * x + 0.5 * torch.tanh(c.flatten(1)[:, : x[0].numel()]).view_as(x) * (1 + t / 1000)
+        return 0.1 * x + 0.5 * torch.tanh(c.sequence.flatten(1)[:, : x[0].numel()]).view_as(x) * (1 + t / 1000)
 
 
 @pytest.fixture
 def problem():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 4, 3, generator=g), torch.zeros(1, 4, 3)
+    x_0, cond = torch.randn(1, 2, 2, 2, generator=g), Condition(torch.randn(1, 4, 3, generator=g))
+    return x_0, cond, Condition(torch.zeros(1, 4, 3))
 
 
 def test_null_text_recovers_the_image_when_phi_can_express_the_correction(problem):
@@ -64,7 +66,7 @@ def test_the_conditional_branch_runs_once_per_step_without_gradients(problem):
     assert unconditional == [True, True, True, False] * 6, "the step to x_{t-1} needs no gradients"
     assert inv.iterations == (3,) * 6
     assert len(inv.phis) == 6 and len(inv.trajectory) == 7
-    assert not any(p.requires_grad for p in inv.phis)
+    assert not any(p.sequence.requires_grad for p in inv.phis)
 
 
 def test_a_loose_tolerance_leaves_phi_untouched(problem):
@@ -72,7 +74,7 @@ def test_a_loose_tolerance_leaves_phi_untouched(problem):
     inv = null_text_inversion(StandIn(cond), DdimGrid.build(SD_SCHEDULE, 4), x_0, cond, phi,
                               NullTextConfig(num_steps=4, tolerance=1e9))
     assert inv.iterations == (0,) * 4
-    assert all(torch.equal(p, phi) for p in inv.phis)
+    assert all(torch.equal(p.sequence, phi.sequence) for p in inv.phis)
 
 
 def test_null_text_works_under_no_grad(problem):
@@ -82,7 +84,7 @@ def test_null_text_works_under_no_grad(problem):
             StandIn(cond), DdimGrid.build(SD_SCHEDULE, 3), x_0, cond, phi,
             NullTextConfig(num_steps=3, inner_steps=2, lr=0.1),
         )
-    assert not all(torch.equal(p, phi) for p in inv.phis)
+    assert not all(torch.equal(p.sequence, phi.sequence) for p in inv.phis)
 
 
 def test_bad_settings_are_clear_errors():
@@ -123,7 +125,7 @@ def test_the_learned_phis_retrace_the_reconstruction(tiny, tiny_inversion):
         grid = DdimGrid.build(tiny.schedule, inv.num_steps)
         again = null_text_sample(tiny.denoise, grid, inv.x_T, cond, inv.phis, guidance=7.5)
     torch.testing.assert_close(again, inv.reconstruction, atol=1e-3, rtol=1e-4)
-    assert all(p.shape == tiny.null_embedding().shape for p in inv.phis)
+    assert all(p.sequence.shape == tiny.null_embedding().sequence.shape and p.extras == {} for p in inv.phis)
 
 
 def test_the_naive_loop_gives_the_same_phis(tiny):
@@ -140,6 +142,6 @@ def test_the_naive_loop_gives_the_same_phis(tiny):
     # Batched and separate calls round differently, and Adam turns a near-zero gradient's
     # rounding into a step of up to lr: measured worst element 7e-4 (lr 5e-2).
     for a, b in zip(fast.phis, naive.phis, strict=True):
-        torch.testing.assert_close(a, b, atol=5e-3, rtol=0)
+        torch.testing.assert_close(a.sequence, b.sequence, atol=5e-3, rtol=0)
     torch.testing.assert_close(fast.reconstruction, naive.reconstruction, atol=1e-3, rtol=1e-3)
     assert fast.iterations == naive.iterations

@@ -296,5 +296,17 @@ def test_dreambooth_with_gradient_checkpointing_learns_the_same_denoiser(tiny):
     assert [r["loss"] for r in checkpointed.losses] == pytest.approx([r["loss"] for r in plain.losses], rel=1e-5)
     for name, value in plain.denoiser_state.items():
         torch.testing.assert_close(checkpointed.denoiser_state[name], value, rtol=1e-5, atol=1e-6)
-    with pytest.raises(HifiError, match="applies to --mode dreambooth"):
-        TuneConfig(gradient_checkpointing=True)
+
+
+def test_hifi_with_gradient_checkpointing_learns_the_same_c_s(tiny):
+    """Checkpointing recomputes the UNet's activations for the gradient that reaches c_s: same c_s, less memory."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 3, tiny.resolution, tiny.resolution, generator=g) * 2 - 1
+    config = TuneConfig(steps=4, stepwise_steps=1, num_steps=3)
+    plain = tune(tiny, images, "dog", config=config)
+    checkpointed = tune(tiny, images, "dog", config=attrs.evolve(config, gradient_checkpointing=True))
+    assert not tiny.unet.is_gradient_checkpointing, "switched off again after the tune"
+    assert [r["loss"] for r in checkpointed.losses] == pytest.approx([r["loss"] for r in plain.losses], rel=1e-5)
+    torch.testing.assert_close(checkpointed.subject.c_s, plain.subject.c_s, rtol=1e-5, atol=1e-6)
+    for t, value in plain.subject.stepwise.items():
+        torch.testing.assert_close(checkpointed.subject.stepwise[t], value, rtol=1e-5, atol=1e-6)

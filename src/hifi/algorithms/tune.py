@@ -25,7 +25,7 @@ from hifi.algorithms.tune_loop import Checkpointer, StepHook, TuneConfig, TuneLo
 from hifi.errors import HifiError
 from hifi.execution.edge import StepFactory, adam_steps
 from hifi.kernels.losses import resize_mask
-from hifi.protocols.denoiser import DenoiserBackend, Model
+from hifi.protocols.denoiser import DenoiserBackend, Model, gradient_checkpointing
 
 __all__ = ["Checkpointer", "TuneConfig", "TuneResult", "caption_for", "tune"]
 
@@ -96,13 +96,14 @@ def tune(
         )
     caption = caption_for(config.mode, class_name)
     denoiser_state = lora_state = None
-    if config.mode == "hifi":
-        subject = attrs.evolve(tune_hifi(loop, caption, optimiser, resume), class_name=class_name)
-    elif config.mode == "classic-ti":
-        subject = tune_classic_ti(loop, class_name, resume)
-    else:
-        weights = tune_dreambooth(loop, class_name, resume)
-        denoiser_state, lora_state = (weights, None) if config.lora_rank is None else (None, weights)
-        subject = Subject(class_name=class_name, mode="dreambooth")
+    with gradient_checkpointing(backend, config.gradient_checkpointing):
+        if config.mode == "hifi":
+            subject = attrs.evolve(tune_hifi(loop, caption, optimiser, resume), class_name=class_name)
+        elif config.mode == "classic-ti":
+            subject = tune_classic_ti(loop, class_name, resume)
+        else:
+            weights = tune_dreambooth(loop, class_name, resume)
+            denoiser_state, lora_state = (weights, None) if config.lora_rank is None else (None, weights)
+            subject = Subject(class_name=class_name, mode="dreambooth")
     return TuneResult(subject=subject, losses=loop.losses, caption=caption, denoiser_state=denoiser_state,
                       lora_state=lora_state)

@@ -19,7 +19,7 @@ from hifi.algorithms.subject import PLACEHOLDER, Subject
 from hifi.algorithms.tune_loop import TuneConfig, TuneLoop, adam_state, caption_for, check_loss
 from hifi.errors import HifiError
 from hifi.kernels.losses import noise_loss
-from hifi.protocols.denoiser import DenoiserBackend, GradientCheckpointingBackend, lora_backend, textual_inversion
+from hifi.protocols.denoiser import DenoiserBackend, lora_backend, textual_inversion
 
 __all__ = ["class_prior", "tune_classic_ti", "tune_dreambooth"]
 
@@ -78,9 +78,6 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
         c = backend.encode_text([caption_for("dreambooth", class_name)])
         c_prior = backend.encode_text([f"a {class_name}"])
     prior = class_prior(backend, class_name, cfg) if cfg.prior_preservation else None
-    checkpointing = backend if isinstance(backend, GradientCheckpointingBackend) else None
-    if cfg.gradient_checkpointing and checkpointing is None:
-        raise HifiError(f"backend {backend.name!r} cannot checkpoint its denoiser's activations")
     if cfg.lora_rank is None:
         state, load_state, trained = backend.denoiser_state, backend.load_denoiser_state, backend.trainable_parameters
     else:
@@ -99,8 +96,6 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
         first = int(resume["step"])
     for p in params:
         p.requires_grad_(True)
-    if cfg.gradient_checkpointing and checkpointing is not None:
-        checkpointing.set_gradient_checkpointing(True)
     try:
         for step in range(first, cfg.total_steps):
             x_t, ts, target = loop.noisy_batch()
@@ -115,8 +110,6 @@ def tune_dreambooth(loop: TuneLoop, class_name: str, resume: Mapping[str, Any] |
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
                 loop.save({"stage": "global", "step": step + 1, "denoiser": state(), "optimizer": adam_state(opt)})
     finally:
-        if cfg.gradient_checkpointing and checkpointing is not None:
-            checkpointing.set_gradient_checkpointing(False)
         for p in params:
             p.requires_grad_(False)
     return {k: v.clone() for k, v in state().items()}

@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
     p.add_argument("--prior-preservation", action="store_true", help="dreambooth: prior-preservation loss")
     p.add_argument("--class-images", type=int, default=4, help="dreambooth: class images for the prior")
     p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="dreambooth: recompute the UNet's activations in the backward pass (less memory, slower)")
+                   help="recompute the UNet's activations in the backward pass (less memory, slower): DreamBooth's"
+                        " weights, or the gradient reaching c_s / the TI vector")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="dreambooth: train LoRA adapters of rank R on the UNet's attention instead of the whole UNet"
                         " (writes pytorch_lora_weights.safetensors)")

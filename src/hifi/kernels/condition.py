@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
@@ -36,11 +37,7 @@ from torch.utils import _pytree as pytree
 __all__ = ["Condition"]
 
 
-def _extras(value: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    return dict(sorted((value or {}).items()))
-
-
-@attrs.frozen(eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Condition:
     """A text condition: the sequence ``[B, L, D]`` that c_s splices into, and the model's extra inputs.
 
@@ -53,9 +50,12 @@ class Condition:
     """
 
     sequence: Tensor
-    extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_extras)
+    extras: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)
 
-    def __attrs_post_init__(self) -> None:
+    # A dataclass, not attrs: torch.compile traces a frozen dataclass's constructor (inside the
+    # loss functions it compiles), and not the one attrs generates.
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extras", dict(sorted(self.extras.items())))
         for name, value in self.extras.items():
             if value.shape[0] != self.sequence.shape[0]:
                 raise ValueError(

@@ -32,8 +32,8 @@ def runtime_versions() -> dict[str, str]:
     return versions
 
 
-_SD_BACKENDS = {"sd14": ("Stable Diffusion", "HIFI_SD_MODEL"), "sd14-fp16": ("Stable Diffusion", "HIFI_SD_MODEL"),
-                "sdxl": ("Stable Diffusion XL", "HIFI_SDXL_MODEL"), "sdxl-fp16": ("Stable Diffusion XL", "HIFI_SDXL_MODEL")}
+_SD, _SDXL = ("Stable Diffusion", "HIFI_SD_MODEL"), ("Stable Diffusion XL", "HIFI_SDXL_MODEL")
+_SD_BACKENDS = {"sd14": _SD, "sd14-fp16": _SD, "sdxl": _SDXL, "sdxl-fp16": _SDXL}
 """Backends that read their weights from an environment variable (hifi_backends.stable_diffusion, .sdxl)."""
 
 Slot = ModelSlot | BundledModel

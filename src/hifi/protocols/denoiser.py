@@ -7,6 +7,7 @@ new backend, not a change to any algorithm.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +26,7 @@ __all__ = [
     "Model",
     "TextualInversionBackend",
     "VocabularyBackend",
+    "gradient_checkpointing",
     "lora_backend",
     "textual_inversion",
 ]
@@ -187,6 +189,22 @@ class LoraBackend(Protocol):
     def remove_lora(self) -> None:
         """Take any LoRA off the denoiser, leaving its base weights as they were (a no-op without one)."""
         ...
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(backend: DenoiserBackend, on: bool = True) -> Iterator[None]:
+    """The denoiser's gradient checkpointing on for a ``with`` block (a no-op when ``on`` is False);
+    a clear error for a backend that cannot (:class:`GradientCheckpointingBackend`). Off again afterwards."""
+    if not on:
+        yield
+        return
+    if not isinstance(backend, GradientCheckpointingBackend):
+        raise HifiError(f"backend {backend.name!r} cannot checkpoint its denoiser's activations")
+    backend.set_gradient_checkpointing(True)
+    try:
+        yield
+    finally:
+        backend.set_gradient_checkpointing(False)
 
 
 def textual_inversion(backend: DenoiserBackend) -> TextualInversionBackend:

@@ -34,7 +34,7 @@ from hifi.execution.edge import execution_for
 from hifi.io.images import check_writable, make_grid, save_image, tensor_to_image, write_json
 from hifi.io.runs import Run, apply_run
 from hifi.perception.registry import configured_perception
-from hifi.protocols.denoiser import DenoiserBackend
+from hifi.protocols.denoiser import DenoiserBackend, gradient_checkpointing
 from hifi.workflows.checks import check_finite, check_seeds, check_step_count, check_subject_prompts
 from hifi.workflows.photos import load_references
 
@@ -69,6 +69,8 @@ class GenerateSettings:
     reference_guided: bool = True
     save_intermediates: bool = False
     accel: str = "eager"
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the backward pass of the phi_h steps (less memory, more time)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -254,42 +256,43 @@ def generate_from_run(
     finals: list[Image.Image] = []
     lines: list[str] = []
     slugs: set[str] = set()
-    for index, prompt in enumerate(prompts):
-        slug = _slug(prompt)
-        slug = f"{slug}-{index}" if slug in slugs else slug
-        slugs.add(slug)
-        for seed in settings.seeds:
-            stem = f"{slug}_seed{seed}"
-            record: dict[str, Any] = {"file": f"{stem}.png", "prompt": prompt, "seed": seed}
-            if perception is None or refs is None:
-                drawn = first_pass(
-                    backend, subject, prompt, seed, guidance=sampling.guidance, num_steps=sampling.num_steps,
-                    record_attention=False, progress=progress, model=model,
-                )
-                final = tensor_to_image(drawn.image[0])
-                record.update(reference_guided=False, fallback=False)
-            else:
-                result = reference_guided_generate(
-                    backend, subject, prompt, seed, refs, perception, settings=sampling, progress=progress,
-                    model=model, optimiser=execution.runner,
-                )
-                final = tensor_to_image(result.image)
-                record.update(
-                    reference_guided=result.fallback is None,
-                    fallback=result.fallback is not None,
-                    fallback_reason=result.fallback,
-                    warnings=list(result.warnings),
-                    reference=result.reference_name,
-                )
-                warnings.extend(result.warnings)
-                if settings.save_intermediates:
-                    folder = out / INTERMEDIATES_DIR / stem
-                    _save_intermediates(folder, result, refs, final)
-                    record["intermediates"] = str(folder.relative_to(out))
-                lines.append(describe_image(stem, result))
-            save_image(final, out / record["file"])
-            records.append(record)
-            finals.append(final)
+    with gradient_checkpointing(backend, settings.gradient_checkpointing):  # the phi_h steps' backward
+        for index, prompt in enumerate(prompts):
+            slug = _slug(prompt)
+            slug = f"{slug}-{index}" if slug in slugs else slug
+            slugs.add(slug)
+            for seed in settings.seeds:
+                stem = f"{slug}_seed{seed}"
+                record: dict[str, Any] = {"file": f"{stem}.png", "prompt": prompt, "seed": seed}
+                if perception is None or refs is None:
+                    drawn = first_pass(
+                        backend, subject, prompt, seed, guidance=sampling.guidance, num_steps=sampling.num_steps,
+                        record_attention=False, progress=progress, model=model,
+                    )
+                    final = tensor_to_image(drawn.image[0])
+                    record.update(reference_guided=False, fallback=False)
+                else:
+                    result = reference_guided_generate(
+                        backend, subject, prompt, seed, refs, perception, settings=sampling, progress=progress,
+                        model=model, optimiser=execution.runner,
+                    )
+                    final = tensor_to_image(result.image)
+                    record.update(
+                        reference_guided=result.fallback is None,
+                        fallback=result.fallback is not None,
+                        fallback_reason=result.fallback,
+                        warnings=list(result.warnings),
+                        reference=result.reference_name,
+                    )
+                    warnings.extend(result.warnings)
+                    if settings.save_intermediates:
+                        folder = out / INTERMEDIATES_DIR / stem
+                        _save_intermediates(folder, result, refs, final)
+                        record["intermediates"] = str(folder.relative_to(out))
+                    lines.append(describe_image(stem, result))
+                save_image(final, out / record["file"])
+                records.append(record)
+                finals.append(final)
 
     save_image(make_grid(finals, cols=settings.num_images), out / GRID_FILE)
     write_json(out / RESULT_FILE, {
