@@ -37,6 +37,8 @@ def bench(session: nox.Session) -> None:
         session.run("python", "-m", "benchmarks.run", *session.posargs)
         return
     session.run("python", "-m", "benchmarks.run", "--backend", "tiny", "--name", "tiny-cpu", "--accel", "compile")
-    session.run("python", "-m", "benchmarks.run", "--backend", "tiny-sdxl", "--name", "tiny-sdxl-cpu")
+    for backend in ("tiny-sdxl", "tiny-sd3"):  # the new versions' code paths, side by side with their naive twins
+        session.run("python", "-m", "benchmarks.run", "--backend", backend, "--steps", "10", "--loop-steps", "5",
+                    "--repeats", "2", "--name", f"{backend}-cpu")
     session.run("python", "-m", "benchmarks.run", "--arch", "sd14", "--sample-size", "8", "--batch", "3",
                 "--steps", "10", "--loop-steps", "3", "--repeats", "2", "--name", "sd14-64px-cpu")

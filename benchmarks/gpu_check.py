@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_check --backend sdxl --sample-size 128 --precisions bf16 --attention sdpa \
         --gradient-checkpointing                                # cuda: SDXL at 1024x1024, bf16
     python -m benchmarks.gpu_check --device cpu --backend tiny  # CPU mode (CI): the tiny backend, fp32, sdpa
-    python -m benchmarks.gpu_check --device cpu --backend tiny-sdxl   # the same on the tiny SDXL
+    python -m benchmarks.gpu_check --device cpu --backend tiny-sdxl   # the same on the tiny SDXL (tiny-sd3: SD 3)
 
 For each precision and attention kernel it builds the backend (no download: random weights
 from the shipped configs, ``build_random_architecture``), then runs, timed, with the peak
@@ -110,12 +110,14 @@ class Recorder:
 
 def build_backend(args: argparse.Namespace, precision: str, attention: str) -> DenoiserBackend:
     """The backend under test with the attention kernel set; raises where the kernel does not load."""
-    if args.backend in ("tiny", "tiny-sdxl"):
+    if args.backend in ("tiny", "tiny-sdxl", "tiny-sd3"):
         backend = load_backend(args.backend, device=args.device)
-    elif args.backend == "sdxl":
+    elif args.backend in ("sdxl", "sd3"):
+        from hifi_backends.sd3 import build_random_sd3
         from hifi_backends.sdxl import build_random_sdxl
 
-        backend = build_random_sdxl(sample_size=args.sample_size, device=args.device, dtype=PRECISIONS[precision])
+        build = build_random_sdxl if args.backend == "sdxl" else build_random_sd3
+        backend = build(sample_size=args.sample_size, device=args.device, dtype=PRECISIONS[precision])
     else:
         from hifi_backends.stable_diffusion import build_random_architecture
 
@@ -223,7 +225,8 @@ def _guard(rec: Recorder, name: str, fn: Callable[..., None], *args: Any) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--backend", default="sd14", help="sd14, sd21, sdxl (random weights), tiny or tiny-sdxl")
+    parser.add_argument("--backend", default="sd14",
+                        help="sd14, sd21, sdxl, sd3 (random weights), tiny, tiny-sdxl or tiny-sd3")
     parser.add_argument("--sample-size", type=int, default=64,
                         help="UNet latent side (64: 512x512 images; 128: SDXL's 1024x1024)")
     parser.add_argument("--gradient-checkpointing", action="store_true",

@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_fastpath.sh sdxl     SDXL's architecture (random weights) at 1024x1024 in bf16: every
 #                                            stage of benchmarks.gpu_check with its peak memory, without and
 #                                            with gradient checkpointing (sdxl-gpu-bf16-1024{,-checkpointed}.json)
+#   bash benchmarks/gpu_fastpath.sh sd3      the same for SD 3 medium's architecture (no T5) at 1024x1024 in bf16
+#                                            (sd3-gpu-bf16-1024{,-checkpointed}.json)
 #   bash benchmarks/gpu_fastpath.sh layout   the c_s step and CFG forward with the UNet NCHW and
 #                                            channels-last (sd14-gpu-bf16-layout), then the loops
 #                                            and a one-photo tune in the faster layout
@@ -41,10 +43,10 @@ print(('--channels-last ' if 'channels-last' in best else '') + ('--cudnn-benchm
   name=sd14-gpu-bf16-tune
   timeout "${BENCH_SECONDS:-220}" python3 -m benchmarks.run $common $layout --full-tune-only 1 --name $name 2>&1 \
       | tee -a "$OUT/log.txt"
-elif [ "${1:-all}" = sdxl ]; then
+elif [ "${1:-all}" = sdxl ] || [ "${1:-all}" = sd3 ]; then
   for extra in "" "--gradient-checkpointing"; do
-    name=sdxl-gpu-bf16-1024${extra:+-checkpointed}
-    timeout "${BENCH_SECONDS:-240}" python3 -m benchmarks.gpu_check --backend sdxl --sample-size 128 --precisions bf16 \
+    name=$1-gpu-bf16-1024${extra:+-checkpointed}
+    timeout "${BENCH_SECONDS:-240}" python3 -m benchmarks.gpu_check --backend "$1" --sample-size 128 --precisions bf16 \
         --attention sdpa --no-perception --tune-steps 4 --ddim-steps 10 --phi-steps 2 $extra \
         --out "benchmarks/results/$name.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null

@@ -85,7 +85,7 @@ class Stages:
         self.phi_s = subject_slots(self.phi, 5)[0].float()
         self.c_s = self.phi_s.clone().requires_grad_(True)
         self.opt = torch.optim.Adam([self.c_s], lr=5e-3)
-        self.alphas = torch.tensor(backend.schedule.alphas_cumprod)
+        self.timesteps = backend.schedule.training_timesteps()
         self.c_s_loss = Bound(c_s_loss, backend.denoise, 1e-4)  # the shipped Eq. 6, as the tune runs it
         self.c_s_runner = adam_steps(self.c_s_loss, self.phi_s, 5e-3)
         self.has_ti = isinstance(backend, TextualInversionBackend)
@@ -95,9 +95,10 @@ class Stages:
             self.ti_opt = torch.optim.Adam([self.vector], lr=5e-3)
 
     def _noisy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = torch.randint(0, 1000, (self.batch,))
+        t = self.timesteps[torch.randint(0, len(self.timesteps), (self.batch,))]
         eps = torch.randn_like(self.x0)
-        return add_noise(self.x0, eps, self.alphas[t].to(self.x0)), t.to(self.x0.device), eps
+        alpha, sigma = (v.to(self.x0) for v in self.b.schedule.levels(t))
+        return add_noise(self.x0, eps, (alpha, sigma)), t.to(self.x0.device), eps
 
     def c_s_step(self) -> None:
         """One step of Eq. 6 (the shipped :func:`hifi.algorithms.tune_hifi.c_s_loss`), eager: the caption
@@ -158,12 +159,11 @@ class Stages:
     def generation_naive(self) -> None:
         """The same with the conditional and unconditional branches as two calls."""
         s = self.b.schedule
-        stride = s.stride(self.n)
         with torch.no_grad():
             x = self.x0[:1]
-            for t in ddim_timesteps(s, self.n):
-                out = cfg_combine(self.b.denoise(x, t, self.c), self.b.denoise(x, t, self.phi), 7.5)
-                x = ddim_step(out, x, s.alpha(t), s.alpha(t - stride), s.prediction_type)
+            for step in DdimGrid.build(s, self.n).steps:
+                out = cfg_combine(self.b.denoise(x, step.t, self.c), self.b.denoise(x, step.t, self.phi), 7.5)
+                x = ddim_step(out, x, step.level, step.level_prev, s.prediction_type)
 
     def inversion(self) -> None:
         with torch.no_grad():
@@ -383,7 +383,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="tiny")
-    p.add_argument("--arch", default=None, help="sd14, sd21 or sdxl: the architecture with random weights")
+    p.add_argument("--arch", default=None, help="sd14, sd21, sdxl or sd3: the architecture with random weights")
     p.add_argument("--sample-size", type=int, default=8, help="latent side for --arch (8 = 64x64 images)")
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--steps", type=int, default=50)
@@ -423,11 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.arch:
+        from hifi_backends.sd3 import build_random_sd3
         from hifi_backends.sdxl import build_random_sdxl
         from hifi_backends.stable_diffusion import build_random_architecture
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        build = build_random_sdxl if args.arch == "sdxl" else functools.partial(build_random_architecture, args.arch)
+        builders = {"sdxl": build_random_sdxl, "sd3": build_random_sd3}
+        build = builders.get(args.arch, functools.partial(build_random_architecture, args.arch))
         sd = build(sample_size=args.sample_size, dtype=dtype)
         if args.channels_last:
             sd.set_channels_last()

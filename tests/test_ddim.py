@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,12 +14,15 @@ from hifi.algorithms.sampling import ddim_invert, ddim_sample
 from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import (
     DdimGrid,
+    Level,
     Schedule,
+    add_noise,
     cfg_combine,
     ddim_inverse_step,
     ddim_step,
     ddim_timesteps,
     predict_x0_and_eps,
+    training_target,
 )
 
 SD_CONFIG = {
@@ -62,7 +65,7 @@ def test_ddim_step_equals_diffusers(overrides, num_steps, seed):
     for t in grid:
         sample, output = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
         expected = scheduler.step(output, t, sample, eta=0.0).prev_sample
-        ours = ddim_step(output, sample, schedule.alpha(t), schedule.alpha(t - stride), schedule.prediction_type)
+        ours = ddim_step(output, sample, schedule.level(t), schedule.level(t - stride), schedule.prediction_type)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -82,7 +85,7 @@ def test_ddim_inverse_step_equals_diffusers(overrides, num_steps, seed):
         sample, output = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
         expected = scheduler.step(output, t, sample).prev_sample
         ours = ddim_inverse_step(
-            output, sample, schedule.alpha(t - stride), schedule.alpha(t), schedule.prediction_type
+            output, sample, schedule.level(t - stride), schedule.level(t), schedule.prediction_type
         )
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -127,6 +130,64 @@ def test_inversion_round_trip_is_exact_for_x_independent_noise(spacing, num_step
     torch.testing.assert_close(back, x0, rtol=1e-9, atol=1e-9)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(shift=st.sampled_from([1.0, 3.0]), num_steps=step_counts, seed=st.integers(0, 2**16))
+def test_the_flow_step_equals_diffusers_flow_match_euler(shift, num_steps, seed):
+    """One DDIM kernel pair, the rectified-flow family: the grid and the step equal FlowMatchEulerDiscreteScheduler."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(num_steps)
+    schedule = Schedule.from_config(scheduler.config)
+    grid = DdimGrid.build(schedule, num_steps)
+    assert list(grid.timesteps) == scheduler.timesteps.tolist()
+    assert [step.level.sigma for step in grid.steps] + [grid.steps[-1].level_prev.sigma] == scheduler.sigmas.tolist()
+    g = torch.Generator().manual_seed(seed)
+    for step in grid.steps:
+        sample, output = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        expected = scheduler.step(output, step.t, sample).prev_sample
+        torch.testing.assert_close(ddim_step(output, sample, step.level, step.level_prev, "flow"), expected,
+                                   rtol=1e-6, atol=1e-6)
+        on = step.on("cpu")  # as a captured graph takes the step
+        torch.testing.assert_close(ddim_step(output, sample, on.level, on.level_prev, "flow"), expected,
+                                   rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(shift=st.sampled_from([1.0, 3.0]), num_steps=st.sampled_from([1, 5, 20, 50]),
+       guidance=st.sampled_from([1.0, 7.5]), seed=st.integers(0, 2**16))
+def test_flow_inversion_round_trip_is_exact_for_a_straight_flow(shift, num_steps, guidance, seed):
+    """A flow whose velocity does not depend on x (one straight path) is integrated exactly by Euler: invert then
+    denoise returns x_0, and inversion lands on x_0 + v (the noise end of the path)."""
+    schedule = Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift})
+    g = torch.Generator().manual_seed(seed)
+    x0, v = (torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    cond = Condition(torch.zeros(1, 3, 2, dtype=torch.float64))
+
+    def model(x, t, c):
+        return v.expand_as(x)
+
+    grid = DdimGrid.build(schedule, num_steps)
+    trajectory = ddim_invert(model, grid, x0, cond, uncond=cond, guidance=guidance)
+    torch.testing.assert_close(trajectory[-1], x0 + v, rtol=1e-6, atol=1e-6)
+    back = ddim_sample(model, grid, trajectory[-1], cond, uncond=cond, guidance=guidance)
+    torch.testing.assert_close(back, x0, rtol=1e-6, atol=1e-6)
+
+
+def test_the_flow_training_target_is_the_velocity_of_its_noising():
+    schedule = Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    ts = schedule.training_timesteps()[torch.tensor([0, 500, 999])]
+    alpha, sigma = schedule.levels(ts)
+    x_t = add_noise(x0, eps, (alpha.float(), sigma.float()))
+    v = training_target(x0, eps, (alpha, sigma), "flow")
+    torch.testing.assert_close(v, eps - x0)
+    per_sample = Level(alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1))
+    x0_hat, eps_hat = predict_x0_and_eps(v, x_t, per_sample, "flow")
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-5, atol=1e-5)
+    assert float(sigma[0]) == 1.0 and float(alpha[0]) == 0.0  # the first training timestep is pure noise
+
+
 def test_inversion_round_trip_error_shrinks_with_more_steps(tiny):
     """A random UNet's noise depends on x, so the round trip is approximate; more steps, less error.
 
@@ -159,18 +220,20 @@ def test_v_prediction_and_epsilon_agree_on_the_same_model():
     g = torch.Generator().manual_seed(3)
     x, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     a, a_prev = 0.3, 0.6
+    level, level_prev = (Level(math.sqrt(v), math.sqrt(1 - v)) for v in (a, a_prev))
     v = (eps - math.sqrt(1 - a) * x) / math.sqrt(a)
-    x0_v, eps_v = predict_x0_and_eps(v, x, a, "v_prediction")
+    x0_v, eps_v = predict_x0_and_eps(v, x, level, "v_prediction")
     torch.testing.assert_close(eps_v, eps)
     torch.testing.assert_close(
-        ddim_step(v, x, a, a_prev, "v_prediction"), ddim_step(eps, x, a, a_prev, "epsilon")
+        ddim_step(v, x, level, level_prev, "v_prediction"), ddim_step(eps, x, level, level_prev, "epsilon")
     )
 
 
 def test_kernels_are_differentiable():
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     out = torch.randn(1, 4, 8, 8, requires_grad=True)
-    (ddim_step(out, x, 0.3, 0.6) + ddim_inverse_step(out, x, 0.6, 0.3)).sum().backward()
+    low, high = Level(math.sqrt(0.3), math.sqrt(0.7)), Level(math.sqrt(0.6), math.sqrt(0.4))
+    (ddim_step(out, x, low, high) + ddim_inverse_step(out, x, high, low)).sum().backward()
     assert x.grad is not None and out.grad is not None
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 

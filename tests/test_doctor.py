@@ -16,7 +16,8 @@ from hifi.perception.registry import available_perception
 def clean_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("HIFI_SAM_MODEL", "HIFI_SAM_CHECKPOINT", "HIFI_GROUNDING_DINO_MODEL", "HIFI_DINO_MODEL",
-                "HIFI_CLIP_MODEL", "HIFI_BLIP2_MODEL", "HIFI_BLIP_MODEL", "HIFI_SD_MODEL", "HIFI_SDXL_MODEL"):
+                "HIFI_CLIP_MODEL", "HIFI_BLIP2_MODEL", "HIFI_BLIP_MODEL", "HIFI_SD_MODEL", "HIFI_SDXL_MODEL",
+                "HIFI_SD3_MODEL"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -1,9 +1,10 @@
 """Backends by name.
 
 Backends live in other packages (``hifi_backends`` ships ``tiny``, ``sd14``, ``sd14-fp16``,
-``sdxl``, ``sdxl-fp16``, ``tiny-sdxl`` and ``toy``) and announce themselves through the
-``hifi.backends`` entry-point group, so the core never imports them. An embedding product
-can also register a factory at run time with :func:`register_backend`.
+``sdxl``, ``sdxl-fp16``, ``tiny-sdxl``, ``sd3``, ``sd3-fp16``, ``tiny-sd3`` and ``toy``) and
+announce themselves through the ``hifi.backends`` entry-point group, so the core never
+imports them. An embedding product can also register a factory at run time with
+:func:`register_backend`.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def check_device(device: Any) -> None:
 
 
 def backend_options(model: str | None) -> dict[str, Any]:
-    """The factory options a model id names: ``random:tiny[:SEED]`` or ``random:tiny-sdxl[:SEED]`` (how a run
-    records a tiny backend, whose weights are its seed) is ``seed``, any other id ``model``."""
-    for tiny in ("random:tiny-sdxl", "random:tiny"):
+    """The factory options a model id names: ``random:tiny[:SEED]``, ``random:tiny-sdxl[:SEED]`` or
+    ``random:tiny-sd3[:SEED]`` (how a run records a tiny backend, whose weights are its seed) is ``seed``,
+    any other id ``model``."""
+    for tiny in ("random:tiny-sdxl", "random:tiny-sd3", "random:tiny"):
         if model and model.startswith(tiny):
             seed = model.removeprefix(tiny).removeprefix(":") or "0"
             if not seed.isdigit():

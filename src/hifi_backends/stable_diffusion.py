@@ -169,7 +169,7 @@ def set_attention(backend: DiffusersBackend, attention: str) -> None:
         backend.set_attn_processor(AttnProcessor())
     else:
         try:
-            backend.unet.enable_xformers_memory_efficient_attention()
+            backend.denoiser.enable_xformers_memory_efficient_attention()
         except Exception as err:  # xformers raises ImportError, RuntimeError, ValueError ...
             raise HifiError(
                 f"xformers attention is not usable here ({type(err).__name__}: {err});"

@@ -7,6 +7,8 @@ is right, not that the method works (ToyWorld's trained model does that).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -20,8 +22,9 @@ TINY_MAX_LENGTH = 24
 """Text length L of the tiny model: room for a prompt and the 5 c_s slots at the end."""
 
 
-def tiny_vae() -> AutoencoderKL:
-    """A random tiny VAE for 32x32 images: 8x8x4 latents (drawn from the global generator)."""
+def tiny_vae(**overrides: Any) -> AutoencoderKL:
+    """A random tiny VAE for 32x32 images: 8x8x4 latents (drawn from the global generator); ``overrides`` go to
+    its config (SD 3's ``shift_factor``, ``scaling_factor``, no quant convs)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -31,6 +34,7 @@ def tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **overrides,
     )
 
 

@@ -3,7 +3,11 @@
 :class:`ControlledAttnProcessor` computes attention as diffusers' reference
 ``AttnProcessor`` does, but hands every *cross*-attention probability tensor to a
 controller, a callable ``controller(layer, probs, heads) -> probs`` (prompt-to-prompt's
-shape, without its module globals). A controller never counts calls to know where it is:
+shape, without its module globals). An MMDiT's joint attention (SD 3: image and text
+tokens in one softmax, an ``Attention`` with ``add_q_proj``) hands over its image-to-text
+block, ``[B * heads, image tokens, text tokens]``, the same shape a UNet's cross-attention
+has: a controller does not know which it sees. A replaced block keeps the rest of its rows
+(the image-to-image part) as they were. A controller never counts calls to know where it is:
 the sampling loop tells it the step (``controller.step = i`` from a step callback).
 
 :func:`controlled_attention` installs the processors on a backend for the length of a
@@ -44,7 +48,9 @@ class ControlledAttnProcessor:
         self.controller = controller
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        if _is_joint(attn):
+            return _joint_attention(attn, hidden_states, encoder_hidden_states, self.layer, self.controller)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -79,6 +85,51 @@ class ControlledAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def _is_joint(attn: Any) -> bool:
+    """An MMDiT's joint attention (image and text tokens attend together), not a UNet's cross-attention."""
+    return getattr(attn, "add_q_proj", None) is not None
+
+
+def _heads(attn: Any, x: Tensor, project: Any, norm: Any) -> Tensor:
+    """``project(x)`` as ``[B, heads, N, head_dim]``, normed as diffusers' joint processor norms it."""
+    out = project(x)
+    out = out.view(x.shape[0], -1, attn.heads, out.shape[-1] // attn.heads).transpose(1, 2)
+    return norm(out) if norm is not None else out
+
+
+def _joint_attention(attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None, layer: str,
+                     controller: AttentionController | None, observe_only: bool = False) -> Any:
+    """diffusers' ``JointAttnProcessor2_0`` with explicit probabilities, the image-to-text block shown to
+    (and, unless ``observe_only``, replaced by) ``controller``. A block without text (SD 3.5's second,
+    self-only attention) runs uncontrolled."""
+    n_image = hidden_states.shape[1]
+    query = _heads(attn, hidden_states, attn.to_q, attn.norm_q)
+    key = _heads(attn, hidden_states, attn.to_k, attn.norm_k)
+    value = _heads(attn, hidden_states, attn.to_v, None)
+    if encoder_hidden_states is not None:
+        query = torch.cat([query, _heads(attn, encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], dim=2)
+        key = torch.cat([key, _heads(attn, encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], dim=2)
+        value = torch.cat([value, _heads(attn, encoder_hidden_states, attn.add_v_proj, None)], dim=2)
+    batch, heads, tokens, head_dim = query.shape
+    probs = (query @ key.transpose(-1, -2) * head_dim**-0.5).softmax(dim=-1)
+    if encoder_hidden_states is not None and controller is not None:
+        block = probs[:, :, :n_image, n_image:].reshape(batch * heads, n_image, tokens - n_image)
+        replaced = controller(layer, block, heads)
+        if not observe_only:
+            image_rows = torch.cat([probs[:, :, :n_image, :n_image], replaced.reshape(batch, heads, n_image, -1)], -1)
+            probs = torch.cat([image_rows, probs[:, :, n_image:]], dim=2)
+    if observe_only:
+        return None
+    out = (probs @ value).transpose(1, 2).reshape(batch, tokens, heads * head_dim).to(query.dtype)
+    hidden, text = out[:, :n_image], out[:, n_image:]
+    hidden = attn.to_out[1](attn.to_out[0](hidden))
+    if encoder_hidden_states is None:
+        return hidden
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    return hidden, text
+
+
 @contextlib.contextmanager
 def controlled_attention(backend: DenoiserBackend, controller: AttentionController) -> Iterator[None]:
     """Route every attention layer of the backend's denoiser through ``controller``.
@@ -108,7 +159,13 @@ class _ObservingProcessor:
         self.controller = controller
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        if _is_joint(attn):
+            if encoder_hidden_states is not None:
+                with torch.no_grad():
+                    _joint_attention(attn, hidden_states, encoder_hidden_states, self.layer, self.controller,
+                                     observe_only=True)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if encoder_hidden_states is not None:
             with torch.no_grad():
                 probs = self._probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

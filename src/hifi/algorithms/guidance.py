@@ -21,7 +21,7 @@ from hifi.algorithms.sampling import StepCallback, guided_ddim_step, per_step
 from hifi.errors import HifiError
 from hifi.execution.edge import Bound, StepFactory, adam_steps
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import DdimGrid, DdimStep
+from hifi.kernels.ddim import DdimGrid, DdimStep, Level
 from hifi.kernels.latents import substitute_masked
 from hifi.kernels.losses import masked_mse
 from hifi.protocols.denoiser import Model
@@ -56,8 +56,8 @@ def check_guidance_window(num_steps: int, t_start: int, t_end: int, phi_steps: i
 
 
 def reference_guidance_loss(
-    model: Model, grid: DdimGrid, guidance: float, phi_h: Tensor, x: Tensor, t: Tensor, alpha_t: Tensor,
-    alpha_prev: Tensor, c: Condition, null: Condition, target: Tensor, weight: Tensor, *out_cond: Tensor,
+    model: Model, grid: DdimGrid, guidance: float, phi_h: Tensor, x: Tensor, t: Tensor, level: Level,
+    level_prev: Level, c: Condition, null: Condition, target: Tensor, weight: Tensor, *out_cond: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 10: ``L_h^(t)(phi_h) = || x*_{t-1}[M] - F^(t)(x_t, [c, c_s^t], phi_h)[M] ||^2``, and that F^(t).
 
@@ -68,7 +68,7 @@ def reference_guidance_loss(
     can capture it once for every step and image. ``out_cond`` (optional) is
     eps(x_t, [c, c_s^t]), which does not depend on phi_h.
     """
-    x_guided = guided_ddim_step(model, grid, x, DdimStep(t, alpha_t, alpha_prev), c, null.with_sequence(phi_h),
+    x_guided = guided_ddim_step(model, grid, x, DdimStep(t, level, level_prev), c, null.with_sequence(phi_h),
                                 guidance, *out_cond).float()
     return masked_mse(x_guided, target, weight), x_guided
 
@@ -151,7 +151,7 @@ def reference_guided_sample(
             x_prev = guided_ddim_step(model, grid, x, step, conds[i], uncond, guidance, out_cond)
         if guided:
             on = step.on(x.device)
-            inputs = (x, on.t, on.alpha_t, on.alpha_prev, conds[i], uncond, trajectory[index - 1].float(), weight,
+            inputs = (x, on.t, on.level, on.level_prev, conds[i], uncond, trajectory[index - 1].float(), weight,
                       *(() if naive or out_cond is None else (out_cond,)))
             losses = [runner(*inputs)[0] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
             with torch.no_grad():

@@ -31,7 +31,7 @@ from hifi.algorithms.sampling import StepCallback, ddim_invert, ddim_sample, gui
 from hifi.errors import HifiError
 from hifi.execution.edge import Bound, StepFactory, adam_steps
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import DdimGrid, DdimStep
+from hifi.kernels.ddim import DdimGrid, DdimStep, Level
 from hifi.protocols.denoiser import Model
 
 __all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_loss", "null_text_sample"]
@@ -102,8 +102,8 @@ class NullTextInversion:
 
 
 def null_text_loss(
-    model: Model, grid: DdimGrid, guidance: float, phi: Tensor, x: Tensor, t: Tensor, alpha_t: Tensor,
-    alpha_prev: Tensor, cond: Condition, null: Condition, target: Tensor, *out_cond: Tensor,
+    model: Model, grid: DdimGrid, guidance: float, phi: Tensor, x: Tensor, t: Tensor, level: Level,
+    level_prev: Level, cond: Condition, null: Condition, target: Tensor, *out_cond: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 4: ``L_h^(t)(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2`` (a mean), and that x_{t-1}.
 
@@ -114,7 +114,7 @@ def null_text_loss(
     (optional) is eps(x_t, c), computed once per step without gradients
     (:func:`~hifi.algorithms.sampling.guided_ddim_step`).
     """
-    step = DdimStep(t, alpha_t, alpha_prev)
+    step = DdimStep(t, level, level_prev)
     x_prev = guided_ddim_step(model, grid, x, step, cond, null.with_sequence(phi), guidance, *out_cond)
     return F.mse_loss(x_prev.float(), target), x_prev
 
@@ -158,7 +158,7 @@ def null_text_inversion(
         target = trajectory[grid.num_steps - 1 - i].float()
         with torch.no_grad():
             out_cond = () if config.naive else (model(x, on.t, cond),)
-        inputs = (x, on.t, on.alpha_t, on.alpha_prev, cond, uncond, target, *out_cond)
+        inputs = (x, on.t, on.level, on.level_prev, cond, uncond, target, *out_cond)
         runner.restart(phi)  # a fresh Adam for each step, from phi_{t+1}*
         # K updates need K + 1 evaluations: each update returns the loss and x_{t-1} at the
         # value it started from; a step that stops early puts that value back.

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import DdimGrid, DdimStep, cfg_combine, ddim_inverse_step, ddim_step
+from hifi.kernels.ddim import DdimGrid, DdimStep, Timestep, cfg_combine, ddim_inverse_step, ddim_step
 from hifi.protocols.denoiser import Model
 
 StepCallback = Callable[[int, int, Tensor], None]
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def guided_output(model: Model, x: Tensor, t: int | Tensor, cond: Condition, uncond: Condition | None,
+def guided_output(model: Model, x: Tensor, t: Timestep | Tensor, cond: Condition, uncond: Condition | None,
                   w: float) -> Tensor:
     """The classifier-free-guided model output ``w*eps(x,c) + (1-w)*eps(x,phi)`` (inside Eq. 1).
 
@@ -66,7 +66,7 @@ def guided_ddim_step(
         assert phi is not None, "the unconditional branch needs phi"
         out = cfg_combine(out_cond, model(x, step.t, phi.to(dtype=x.dtype)), w)
     schedule = grid.schedule
-    return ddim_step(out, x, step.alpha_t, step.alpha_prev, schedule.prediction_type, schedule.clip_sample_range)
+    return ddim_step(out, x, step.level, step.level_prev, schedule.prediction_type, schedule.clip_sample_range)
 
 
 def inverse_ddim_step(
@@ -79,7 +79,7 @@ def inverse_ddim_step(
     ``DDIMInverseScheduler`` and null-text inversion do.
     """
     out = guided_output(model, x, step.t, cond, uncond, w)
-    return ddim_inverse_step(out, x, step.alpha_prev, step.alpha_t, grid.schedule.prediction_type)
+    return ddim_inverse_step(out, x, step.level_prev, step.level, grid.schedule.prediction_type)
 
 
 def per_step(cond: Condition | Sequence[Condition], num_steps: int) -> Sequence[Condition]:

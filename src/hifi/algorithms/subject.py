@@ -27,6 +27,7 @@ from torch import Tensor
 
 from hifi.errors import HifiError
 from hifi.kernels.condition import Condition
+from hifi.kernels.ddim import Timestep
 from hifi.kernels.losses import splice_subject
 from hifi.protocols.denoiser import DenoiserBackend, textual_inversion
 
@@ -70,7 +71,7 @@ class Subject:
     class_name: str
     mode: Mode = "hifi"
     c_s: Tensor | None = None
-    stepwise: Mapping[int, Tensor] = attrs.field(factory=dict)
+    stepwise: Mapping[Timestep, Tensor] = attrs.field(factory=dict)
     token_vector: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -123,14 +124,14 @@ class Subject:
             return backend.encode_text(rendered, token_embeddings={PLACEHOLDER: self.token_vector})
         return backend.encode_text(rendered)
 
-    def c_s_at(self, t: int) -> Tensor | None:
+    def c_s_at(self, t: Timestep) -> Tensor | None:
         """c_s^t for timestep t: the step-wise one of the nearest learned timestep, else c_s."""
         if not self.stepwise:
             return self.c_s
         nearest = min(self.stepwise, key=lambda k: (abs(k - t), k))
         return self.stepwise[nearest]
 
-    def conditions(self, c: Condition, timesteps: Sequence[int]) -> list[Condition]:
+    def conditions(self, c: Condition, timesteps: Sequence[Timestep]) -> list[Condition]:
         """``[c, c_s^t]`` for each timestep of a DDIM grid (Eq. 7); plain c without c_s."""
         if self.mode != "hifi":
             return [c] * len(timesteps)

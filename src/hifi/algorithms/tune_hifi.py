@@ -21,7 +21,7 @@ from hifi.algorithms.tune_loop import TuneLoop, adam_state, check_loss
 from hifi.execution.edge import Bound, StepFactory
 from hifi.execution.fastpath import AdamStep
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import DdimGrid
+from hifi.kernels.ddim import DdimGrid, Timestep, timestep_from_text, timestep_text
 from hifi.kernels.losses import noise_loss, ridge_to_null, splice_subject, subject_slots
 from hifi.protocols.denoiser import Model
 
@@ -49,7 +49,7 @@ def c_s_loss(
 
 
 def optimise_c_s(loop: TuneLoop, runner: AdamStep, extras: tuple[Any, ...], stage: str, first: int, last: int,
-                 t: int | None, checkpoint: Callable[[int], dict[str, Any]] | None = None) -> None:
+                 t: Timestep | None, checkpoint: Callable[[int], dict[str, Any]] | None = None) -> None:
     """Steps ``first..last-1`` of Eq. 6 on the runner's c_s (global stage: t random; step-wise: t fixed).
 
     Each step's noisy batch comes from the loop's generator whatever the execution mode;
@@ -81,8 +81,8 @@ def optimise_c_s(loop: TuneLoop, runner: AdamStep, extras: tuple[Any, ...], stag
 
 def stepwise_subject(
     loop: TuneLoop, optimiser: StepFactory, loss: Callable[..., tuple[Tensor, Tensor]], extras: tuple[Any, ...],
-    c_s: Tensor, done: Mapping[int, Tensor] | None = None,
-) -> dict[int, Tensor]:
+    c_s: Tensor, done: Mapping[Timestep, Tensor] | None = None,
+) -> dict[Timestep, Tensor]:
     """Algorithm 1: one c_s^t per DDIM timestep, t = T..1, each from c_s^(t+1) by I steps of Eq. 6 at t.
 
     c_s^(T+1) is the global c_s; every timestep starts a fresh Adam (``optimiser`` makes or
@@ -101,7 +101,7 @@ def stepwise_subject(
         current = runner.param.detach().clone()
         stepwise[t] = current
         loop.save({"stage": "stepwise", "step": 0, "c_s": c_s,
-                   "stepwise": {str(k): v for k, v in stepwise.items()}})
+                   "stepwise": {timestep_text(k): v for k, v in stepwise.items()}})
     return stepwise
 
 
@@ -115,13 +115,13 @@ def tune_hifi(loop: TuneLoop, caption: str, optimiser: StepFactory, resume: Mapp
     loss = Bound(c_s_loss, loop.model, cfg.reg_weight)
     extras = (c, phi_s, *(() if loop.masks is None else (loop.masks,)))
     runner = optimiser(loss, start, cfg.learning_rate)
-    done: dict[int, Tensor] = {}
+    done: dict[Timestep, Tensor] = {}
     stage, first = "global", 0
     if resume is not None:
         loop.restore(resume)
         with torch.no_grad():
             runner.param.copy_(resume["c_s"])
-        done = {int(k): v for k, v in resume["stepwise"].items()}
+        done = {timestep_from_text(k): v for k, v in resume["stepwise"].items()}
         stage, first = resume["stage"], int(resume["step"])
         if stage == "global":
             runner.load_optimizer(resume["optimizer"])

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hifi.algorithms.subject import IDENTIFIER, PLACEHOLDER, Mode
 from hifi.errors import HifiError
-from hifi.kernels.ddim import add_noise, training_target
+from hifi.kernels.ddim import Timestep, add_noise, training_target
 from hifi.kernels.losses import noise_loss
 from hifi.protocols.denoiser import DenoiserBackend, Model
 
@@ -159,22 +159,23 @@ class TuneLoop:
         self.backend, self.model, self.x0, self.masks, self.config = backend, model, latents, masks, config
         self.checkpointer, self.on_step = checkpointer, on_step
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.alphas = torch.tensor(backend.schedule.alphas_cumprod, dtype=torch.float64)
+        self.timesteps = backend.schedule.training_timesteps()
+        """The timesteps the model was trained on (ints, or a flow's ``sigma * N``), drawn from uniformly."""
         self.losses: list[dict[str, Any]] = []
 
-    def noisy_batch(self, t: int | None = None, x0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def noisy_batch(self, t: Timestep | None = None, x0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x_t = N_s(x_0, eps, t) for every source image (or ``x0``); t random per image unless given."""
         x0 = self.x0 if x0 is None else x0
         b = x0.shape[0]
-        n_train = self.backend.schedule.num_train_timesteps
+        schedule = self.backend.schedule
         ts = (
-            torch.randint(0, n_train, (b,), generator=self.generator)
-            if t is None else torch.full((b,), t, dtype=torch.long)
+            self.timesteps[torch.randint(0, len(self.timesteps), (b,), generator=self.generator)]
+            if t is None else torch.full((b,), t, dtype=self.timesteps.dtype)
         )
         eps = self._to_device(torch.randn(x0.shape, generator=self.generator), x0)
-        alpha = self._to_device(self.alphas[ts], x0)
-        x_t = add_noise(x0, eps, alpha)
-        target = training_target(x0, eps, alpha, self.backend.schedule.prediction_type)
+        alpha, sigma = (self._to_device(v, x0) for v in schedule.levels(ts))
+        x_t = add_noise(x0, eps, (alpha, sigma))
+        target = training_target(x0, eps, (alpha, sigma), schedule.prediction_type)
         return x_t, self._to_device(ts, x0, dtype=ts.dtype), target
 
     @staticmethod

@@ -12,7 +12,8 @@ from hifi.registry import backend_options, load_backend
 def add_backend_flags(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
     p.add_argument("--backend", default=default, help="denoiser backend (see `hifi backends`)")
     p.add_argument("--model", default=None, help="model folder or hub id for sd14 / sd14-fp16 (or HIFI_SD_MODEL),"
-                   " sdxl / sdxl-fp16 (or HIFI_SDXL_MODEL); random:sd14, random:sdxl: random weights")
+                   " sdxl / sdxl-fp16 (HIFI_SDXL_MODEL), sd3 / sd3-fp16 (HIFI_SD3_MODEL); random:sd14, random:sdxl,"
+                   " random:sd3: random weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 
 

@@ -172,9 +172,12 @@ def _copy_leaves(static: tuple[Any, ...], inputs: tuple[Any, ...]) -> None:
 # -- no-gradient forwards -------------------------------------------------------------------
 
 
-def timestep_tensor(t: int | Tensor, device: torch.device) -> Tensor:
-    """A timestep as a 0-d int64 tensor on ``device`` (a graph's input instead of a baked-in number)."""
-    return torch.as_tensor(t, dtype=torch.int64, device=device)
+def timestep_tensor(t: int | float | Tensor, device: torch.device) -> Tensor:
+    """A timestep as a 0-d tensor on ``device`` (a graph's input instead of a baked-in number): int64,
+    or float32 for a flow's ``sigma * N``."""
+    if isinstance(t, Tensor):
+        return t.to(device)
+    return torch.as_tensor(t, dtype=torch.float32 if isinstance(t, float) else torch.int64, device=device)
 
 
 class StaticCall:

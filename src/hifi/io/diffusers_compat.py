@@ -1,10 +1,11 @@
-"""Use a run with a stock diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
+"""Use a run with a stock diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline``).
 
 :func:`pipeline_inputs` turns a subject into the pipeline's ``prompt_embeds`` (the first
 step's ``[c, c_s^T]``), ``negative_prompt_embeds`` (phi) and a ``callback_on_step_end``
-that swaps in ``[c, c_s^t]`` before every later step (Eq. 7); for SDXL also the pooled
-embeddings, ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (the pipeline
-computes the same default time ids itself)::
+that swaps in ``[c, c_s^t]`` before every later step (Eq. 7); for SDXL and SD 3 also the
+pooled embeddings, ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (SDXL's
+pipeline computes the same default time ids itself)::
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from hifi import load_backend
@@ -61,7 +62,7 @@ class StepwiseEmbeddingsCallback:
         return {**callback_kwargs, "prompt_embeds": nxt}
 
 
-PIPELINE_EXTRAS = {"text_embeds": "pooled_prompt_embeds"}
+PIPELINE_EXTRAS = {"text_embeds": "pooled_prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
 """The condition extras a stock pipeline takes as inputs, by its argument name (the negative
 one is ``negative_`` + it). SDXL's ``time_ids`` are not among them: the pipeline computes the
 same default (H, W, 0, 0, H, W) itself from ``height`` and ``width``."""

@@ -4,7 +4,7 @@ Layout (all files written atomically)::
 
     RUN_DIR/
       run.json                     metadata and the resolved config (see RunMeta)
-      subject.safetensors          c_s as "c_s" [n, D]; each c_s^t as "c_s_t{t:04d}";
+      subject.safetensors          c_s as "c_s" [n, D]; each c_s^t as "c_s_t{t:04d}" (a flow's t: its float);
                                    the classic-TI vector as "token_vector"; string metadata
                                    (backend, model id, mode, class, caption, tokens ...)
       learned_embeds.safetensors   classic-ti only: {"<hifi-subject>": [D_in]}, the file
@@ -43,6 +43,7 @@ from hifi import __version__
 from hifi.algorithms.subject import PLACEHOLDER, Mode, Subject
 from hifi.errors import HifiError
 from hifi.io.images import atomic_path, write_json
+from hifi.kernels.ddim import timestep_from_text, timestep_text
 from hifi.protocols.denoiser import DenoiserBackend, LoraBackend, lora_backend
 
 __all__ = [
@@ -193,7 +194,7 @@ def save_run(
     if subject.c_s is not None:
         tensors["c_s"] = subject.c_s
     for t, v in subject.stepwise.items():
-        tensors[f"c_s_t{t:04d}"] = v
+        tensors[f"c_s_t{timestep_text(t)}"] = v
     if subject.token_vector is not None:
         tensors["token_vector"] = subject.token_vector
         save_tensors(run_dir / TI_FILE, embedding_tensors(subject.token_vector, meta.token_widths))
@@ -227,7 +228,7 @@ def load_run(run_dir: str | Path) -> Run:
     except (json.JSONDecodeError, TypeError) as err:
         raise HifiError(f"{meta_file} is damaged ({err})") from err
     tensors = load_tensors(path / SUBJECT_FILE)
-    stepwise = {int(k[len("c_s_t"):]): v for k, v in tensors.items() if k.startswith("c_s_t")}
+    stepwise = {timestep_from_text(k[len("c_s_t"):]): v for k, v in tensors.items() if k.startswith("c_s_t")}
     subject = Subject(
         class_name=meta.class_name, mode=meta.mode, c_s=tensors.get("c_s"),
         stepwise=dict(sorted(stepwise.items(), reverse=True)), token_vector=tensors.get("token_vector"),

@@ -25,10 +25,9 @@ it into tensors for a captured CUDA graph or ``torch.compile`` and rebuild it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import dataclasses
 
 import torch
 from torch import Tensor

@@ -33,7 +33,8 @@ def runtime_versions() -> dict[str, str]:
 
 
 _SD, _SDXL = ("Stable Diffusion", "HIFI_SD_MODEL"), ("Stable Diffusion XL", "HIFI_SDXL_MODEL")
-_SD_BACKENDS = {"sd14": _SD, "sd14-fp16": _SD, "sdxl": _SDXL, "sdxl-fp16": _SDXL}
+_SD3 = ("Stable Diffusion 3", "HIFI_SD3_MODEL")
+_SD_BACKENDS = {"sd14": _SD, "sd14-fp16": _SD, "sdxl": _SDXL, "sdxl-fp16": _SDXL, "sd3": _SD3, "sd3-fp16": _SD3}
 """Backends that read their weights from an environment variable (hifi_backends.stable_diffusion, .sdxl)."""
 
 Slot = ModelSlot | BundledModel

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hifi.errors import HifiError
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import Schedule
+from hifi.kernels.ddim import Schedule, Timestep
 
 __all__ = [
     "ChannelsLastBackend",
@@ -95,7 +95,7 @@ class DenoiserBackend(Protocol):
         """phi, the null condition of classifier-free guidance, batch 1 (the empty prompt's, or zeros for SDXL)."""
         ...
 
-    def denoise(self, x_t: Tensor, t: int | Tensor, cond: Condition) -> Tensor:
+    def denoise(self, x_t: Tensor, t: Timestep | Tensor, cond: Condition) -> Tensor:
         """The denoiser output (noise or v, per the schedule) for latents at timestep t."""
         ...
 

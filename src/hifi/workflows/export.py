@@ -202,8 +202,12 @@ def _write_kohya_lora(run: Run, out: Path) -> tuple[Path, ...]:
     """The adapters in kohya's layout, through diffusers' own PEFT-to-kohya conversion."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
+    state = _lora_state(run)
+    if not all(k.startswith("unet.") for k in state):
+        raise HifiError("kohya's LoRA layout (which A1111 and ComfyUI read) is written here for UNet LoRAs only; this"
+                        " run's LoRA is on an SD 3 transformer: export it with --format diffusers")
     peft = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
-            for k, v in _lora_state(run).items()}
+            for k, v in state.items()}
     save_tensors(out, convert_state_dict_to_kohya(peft), _metadata(run, run.subject.subject_words()))
     return (out,)
 

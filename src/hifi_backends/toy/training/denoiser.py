@@ -117,7 +117,7 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
         x0 = latents[index]
         t = torch.randint(0, schedule.num_train_timesteps, (s.unet_batch,), generator=gen).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
-        x_t = add_noise(x0, noise, alphas[t])
+        x_t = add_noise(x0, noise, (alphas[t].sqrt(), (1 - alphas[t]).sqrt()))
         err = (unet(x_t, t, encoder_hidden_states=cond).sample - noise).pow(2)
         if cell_cover is not None:
             w = 1.0 + s.unet_object_weight * cell_cover[index]
