@@ -40,5 +40,6 @@ def bench(session: nox.Session) -> None:
     for backend in ("tiny-sdxl", "tiny-sd3"):  # the new versions' code paths, side by side with their naive twins
         session.run("python", "-m", "benchmarks.run", "--backend", backend, "--steps", "10", "--loop-steps", "5",
                     "--repeats", "2", "--name", f"{backend}-cpu")
+    session.run("python", "-m", "benchmarks.batching", "--backend", "tiny", "--name", "batching-tiny-cpu")
     session.run("python", "-m", "benchmarks.run", "--arch", "sd14", "--sample-size", "8", "--batch", "3",
                 "--steps", "10", "--loop-steps", "3", "--repeats", "2", "--name", "sd14-64px-cpu")

@@ -11,6 +11,9 @@
 #                                            with gradient checkpointing (sdxl-gpu-bf16-1024{,-checkpointed}.json)
 #   bash benchmarks/gpu_fastpath.sh sd3      the same for SD 3 medium's architecture (no T5) at 1024x1024 in bf16
 #                                            (sd3-gpu-bf16-1024{,-checkpointed}.json)
+#   bash benchmarks/gpu_fastpath.sh batch    issue 25's targets: the profile of a guided image and a null-text
+#                                            inversion (profile-sd14-gpu-bf16.json), then plain, guided and
+#                                            null-text images per second at batch 1, 4, 8 (batching-sd14-gpu-bf16)
 #   bash benchmarks/gpu_fastpath.sh layout   the c_s step and CFG forward with the UNet NCHW and
 #                                            channels-last (sd14-gpu-bf16-layout), then the loops
 #                                            and a one-photo tune in the faster layout
@@ -51,6 +54,13 @@ elif [ "${1:-all}" = sdxl ] || [ "${1:-all}" = sd3 ]; then
         --out "benchmarks/results/$name.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
   done
+  exit 0
+elif [ "${1:-all}" = batch ]; then
+  arch="--arch sd14 --sample-size 64 --dtype bf16 --steps 50 --phi-steps 10 --accel graph"
+  timeout 150 python3 -m benchmarks.profile_loops $arch --name profile-sd14-gpu-bf16 2>&1 | tee -a "$OUT/log.txt"
+  timeout "${BENCH_SECONDS:-300}" python3 -m benchmarks.batching $arch --batches 1,4,8 --repeats 1 \
+      --name batching-sd14-gpu-bf16 2>&1 | tee -a "$OUT/log.txt"
+  cp benchmarks/results/profile-sd14-gpu-bf16.json benchmarks/results/batching-sd14-gpu-bf16.json "$OUT/" 2>/dev/null
   exit 0
 elif [ "${1:-all}" = tune ]; then
   name=sd14-gpu-bf16-tune

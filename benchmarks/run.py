@@ -41,7 +41,7 @@ from hifi.io.images import atomic_path
 from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, add_noise, cfg_combine, ddim_step, ddim_timesteps
 from hifi.kernels.losses import ridge_to_null, splice_subject, subject_slots
-from hifi.protocols.denoiser import DenoiserBackend, TextualInversionBackend
+from hifi.protocols.denoiser import ChannelsLastBackend, DenoiserBackend, TextualInversionBackend
 
 
 def _sync(backend: DenoiserBackend) -> None:
@@ -227,15 +227,15 @@ def core_rows(backend: DenoiserBackend, s: Stages, accel: str, repeats: int) -> 
     UNet memory layout the backend can switch to (NCHW, channels-last) and, on CUDA, with cuDNN's
     autotuner (``torch.backends.cudnn.benchmark``) off and on: all in one run."""
     rows: list[dict[str, Any]] = _Rows()
-    layouts = [False, True] if hasattr(backend, "set_channels_last") else [False]
+    layouts = [False, True] if isinstance(backend, ChannelsLastBackend) else [False]
     tuners = [False, True] if backend.device.type == "cuda" else [False]
     was = bool(getattr(backend, "channels_last", False)), torch.backends.cudnn.benchmark
     try:
         for autotune in tuners:
             torch.backends.cudnn.benchmark = autotune
             for channels_last in layouts:
-                if len(layouts) > 1:
-                    backend.set_channels_last(channels_last)  # type: ignore[attr-defined]
+                if isinstance(backend, ChannelsLastBackend) and len(layouts) > 1:
+                    backend.set_channels_last(channels_last)
                 setting = "UNet channels-last" if channels_last else "UNet NCHW"
                 setting += ", cudnn.benchmark" if autotune else ""
                 cases = [("c_s step", s.accelerated_c_s_step(accel), s.c_s_step),
@@ -246,8 +246,8 @@ def core_rows(backend: DenoiserBackend, s: Stages, accel: str, repeats: int) -> 
                     rows.append(_beside(backend, f"{stage}, --accel {accel}, {setting}", fast_s,
                                         f"the same eager, {setting}", eager_s))
     finally:  # a failing row must not leave the backend switched
-        if len(layouts) > 1:
-            backend.set_channels_last(was[0])  # type: ignore[attr-defined]
+        if isinstance(backend, ChannelsLastBackend) and len(layouts) > 1:
+            backend.set_channels_last(was[0])
         torch.backends.cudnn.benchmark = was[1]
     return rows
 

@@ -35,7 +35,7 @@ from hifi_backends.stable_diffusion import (
     loading_error,
     resolve_model,
 )
-from hifi_backends.tiny import TINY_MAX_LENGTH, tiny_vae
+from hifi_backends.tiny import TINY_MAX_LENGTH, tiny_clip_config, tiny_vae
 from hifi_backends.tokenizer import build_clip_tokenizer
 
 MODEL_ENV = "HIFI_SD3_MODEL"
@@ -156,14 +156,8 @@ def build_tiny_sd3_backend(
             caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
         )
         vae = tiny_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
-        config = {
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
-            "num_attention_heads": 4, "max_position_embeddings": TINY_MAX_LENGTH, "projection_dim": 32,
-            "hidden_act": "gelu", "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**config))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+        text_encoder = CLIPTextModelWithProjection(tiny_clip_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer_2))
     return DiffusersBackend(
         name="tiny-sd3", model_id=f"random:tiny-sd3:{seed}", transformer=transformer, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,

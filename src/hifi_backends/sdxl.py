@@ -27,7 +27,7 @@ from hifi_backends.stable_diffusion import (
     resolve_model,
     set_attention,
 )
-from hifi_backends.tiny import TINY_MAX_LENGTH, tiny_vae
+from hifi_backends.tiny import TINY_MAX_LENGTH, tiny_clip_config, tiny_vae
 from hifi_backends.tokenizer import build_clip_tokenizer
 
 MODEL_ENV = "HIFI_SDXL_MODEL"
@@ -171,14 +171,8 @@ def build_tiny_sdxl_backend(
             norm_num_groups=1,
         )
         vae = tiny_vae()
-        config = {
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
-            "num_attention_heads": 4, "max_position_embeddings": TINY_MAX_LENGTH, "projection_dim": 32,
-            "hidden_act": "gelu", "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        text_encoder = CLIPTextModel(CLIPTextConfig(**config))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+        text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer_2))
     return DiffusersBackend(
         name="tiny-sdxl", model_id=f"random:tiny-sdxl:{seed}", unet=unet, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,

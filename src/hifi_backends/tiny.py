@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from hifi.errors import HifiError
 from hifi_backends.configs import load_config
@@ -20,6 +20,16 @@ from hifi_backends.tokenizer import build_clip_tokenizer
 
 TINY_MAX_LENGTH = 24
 """Text length L of the tiny model: room for a prompt and the 5 c_s slots at the end."""
+
+
+def tiny_clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The text towers of ``tiny-sdxl`` and ``tiny-sd3``: diffusers' own SDXL / SD 3 test sizes (32 wide, five
+    layers, projected to 32), over ``tokenizer``'s vocabulary."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+        max_position_embeddings=TINY_MAX_LENGTH, projection_dim=32, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def tiny_vae(**overrides: Any) -> AutoencoderKL:

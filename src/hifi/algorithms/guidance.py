@@ -21,9 +21,9 @@ from hifi.algorithms.sampling import StepCallback, guided_ddim_step, per_step
 from hifi.errors import HifiError
 from hifi.execution.edge import Bound, StepFactory, adam_steps
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import DdimGrid, DdimStep, Level
+from hifi.kernels.ddim import DdimGrid, DdimStep, Level, Timestep
 from hifi.kernels.latents import substitute_masked
-from hifi.kernels.losses import masked_mse
+from hifi.kernels.losses import masked_mse_per_sample
 from hifi.protocols.denoiser import Model
 
 __all__ = [
@@ -58,11 +58,15 @@ def check_guidance_window(num_steps: int, t_start: int, t_end: int, phi_steps: i
 def reference_guidance_loss(
     model: Model, grid: DdimGrid, guidance: float, phi_h: Tensor, x: Tensor, t: Tensor, level: Level,
     level_prev: Level, c: Condition, null: Condition, target: Tensor, weight: Tensor, *out_cond: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Eq. 10: ``L_h^(t)(phi_h) = || x*_{t-1}[M] - F^(t)(x_t, [c, c_s^t], phi_h)[M] ||^2``, and that F^(t).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 10: ``L_h^(t)(phi_h) = || x*_{t-1}[M] - F^(t)(x_t, [c, c_s^t], phi_h)[M] ||^2``, that F^(t), and
+    each image's L_h.
 
-    As a mean over the masked latents (:func:`~hifi.kernels.losses.masked_mse`, ``weight``
-    is M_r* as floats ``[B, 1, h, w]``), in float32. ``phi_h`` is a sequence in the place of
+    Each image's loss is a mean over its own masked latents
+    (:func:`~hifi.kernels.losses.masked_mse_per_sample`, ``weight`` is M_r* as floats
+    ``[B, 1, h, w]``), in float32; the loss minimised is their sum, so that B images (each
+    its phi_h, a row of ``phi_h`` ``[B, L, D]``) optimised together keep their own gradients
+    and, Adam being elementwise, their own updates: each image as if alone. ``phi_h`` is a sequence in the place of
     phi's (``null``), whose extras it keeps (:mod:`hifi.kernels.condition`). A function of
     tensors (and conditions) only after its three fixed arguments, so that a step runner
     can capture it once for every step and image. ``out_cond`` (optional) is
@@ -70,7 +74,8 @@ def reference_guidance_loss(
     """
     x_guided = guided_ddim_step(model, grid, x, DdimStep(t, level, level_prev), c, null.with_sequence(phi_h),
                                 guidance, *out_cond).float()
-    return masked_mse(x_guided, target, weight), x_guided
+    per_image = masked_mse_per_sample(x_guided, target, weight)
+    return per_image.sum(), x_guided, per_image
 
 
 @attrs.frozen
@@ -78,16 +83,21 @@ class StepLosses:
     """Eq. 10 at one guided step: the loss before each of the J phi_h updates, then after the last."""
 
     step: int
-    timestep: int
+    timestep: Timestep
     losses: tuple[float, ...]
 
 
 @attrs.frozen(eq=False)
 class GuidedSample:
-    """Algorithm 2's x_0 and the phi_h losses of every guided step (t_s down to t_e)."""
+    """Algorithm 2's x_0 ``[B, C, h, w]`` and, for each image, the phi_h losses of every guided step (t_s to t_e)."""
 
     latents: Tensor
-    losses: tuple[StepLosses, ...]
+    image_losses: tuple[tuple[StepLosses, ...], ...]
+
+    @property
+    def losses(self) -> tuple[StepLosses, ...]:
+        """The first image's losses (of a batch of one, the only image's)."""
+        return self.image_losses[0]
 
 
 def reference_guided_sample(
@@ -118,6 +128,11 @@ def reference_guided_sample(
     to step. ``mask`` is boolean ``[1 or B, 1, h, w]``; ``trajectory`` is ``[x*_0, ..., x*_T]``;
     ``cond`` one condition or one per step (``[c, c_s^t]``).
 
+    Batches: ``x_T`` ``[B, C, h, w]`` with ``trajectory`` of ``[B, ...]`` latents and ``mask``
+    ``[B, 1, h, w]`` (each image its reference, mask and trajectory) runs B images in one
+    loop, one phi_h each, optimised together by :func:`reference_guidance_loss` (each image
+    as if alone, within rounding; tested).
+
     Cost: within a step the conditional branch eps(x_t, [c, c_s^t]) does not depend on
     phi_h, so it is computed once, without gradients (it also serves the step with phi),
     and each phi_h step differentiates the unconditional branch alone. ``naive=True``
@@ -135,11 +150,14 @@ def reference_guided_sample(
     if mask.dtype != torch.bool or not bool(mask.any()):
         raise HifiError("the guidance mask M_r* must be a non-empty boolean latent mask")
     conds = per_step(cond, num_steps)
-    weight = mask.float().expand(x_T.shape[0], 1, *mask.shape[-2:])
+    batch = x_T.shape[0]
+    if mask.shape[0] not in (1, batch) or any(bool(not m.any()) for m in mask):
+        raise HifiError(f"the guidance mask must be [1 or B = {batch}, 1, h, w], each image's non-empty")
+    weight = mask.float().expand(batch, 1, *mask.shape[-2:])
     loss_fn = Bound(reference_guidance_loss, model, grid, guidance)
-    # phi_h starts as phi at t_s and carries over, with its Adam state, from step to step.
-    runner = optimiser(loss_fn, uncond.sequence, phi_lr)
-    step_losses: list[tuple[int, int, Tensor]] = []  # read back once, after the loop
+    # phi_h starts as phi at t_s and carries over, with its Adam state, from step to step; one row per image.
+    runner = optimiser(loss_fn, uncond.sequence.expand(batch, *uncond.sequence.shape[1:]), phi_lr)
+    step_losses: list[tuple[int, Timestep, Tensor]] = []  # read back once, after the loop
     x = x_T.detach()
     for i, step in enumerate(grid.steps):
         index = num_steps - i
@@ -153,14 +171,15 @@ def reference_guided_sample(
             on = step.on(x.device)
             inputs = (x, on.t, on.level, on.level_prev, conds[i], uncond, trajectory[index - 1].float(), weight,
                       *(() if naive or out_cond is None else (out_cond,)))
-            losses = [runner(*inputs)[0] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
+            losses = [runner(*inputs)[2] for _ in range(phi_steps)]  # J Adam steps on Eq. 10
             with torch.no_grad():
-                loss, x_guided = loss_fn(runner.param, *inputs)
+                _, x_guided, loss = loss_fn(runner.param, *inputs)
             x_prev = torch.where(mask, x_guided.to(x_prev.dtype), x_prev)
-            step_losses.append((index, int(step.t), torch.stack([*losses, loss])))
+            step_losses.append((index, grid.timesteps[i], torch.stack([*losses, loss], dim=1)))  # [B, J + 1]
         x = x_prev
         if callback is not None:
             callback(i, int(step.t), x)
-    records = tuple(StepLosses(step=index, timestep=t, losses=tuple(values.tolist()))
-                    for index, t, values in step_losses)
-    return GuidedSample(latents=x, losses=records)
+    read = [(index, t, values.tolist()) for index, t, values in step_losses]
+    records = tuple(tuple(StepLosses(step=index, timestep=t, losses=tuple(values[b])) for index, t, values in read)
+                    for b in range(batch))
+    return GuidedSample(latents=x, image_losses=records)

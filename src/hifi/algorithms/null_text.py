@@ -24,7 +24,6 @@ from collections.abc import Sequence
 import attrs
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hifi.algorithms.sampling import StepCallback, ddim_invert, ddim_sample, guided_ddim_step
@@ -34,7 +33,8 @@ from hifi.kernels.condition import Condition
 from hifi.kernels.ddim import DdimGrid, DdimStep, Level
 from hifi.protocols.denoiser import Model
 
-__all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_loss", "null_text_sample"]
+__all__ = ["NullTextConfig", "NullTextInversion", "null_text_inversion", "null_text_inversions", "null_text_loss",
+           "null_text_sample"]
 
 
 @attrs.frozen
@@ -104,19 +104,22 @@ class NullTextInversion:
 def null_text_loss(
     model: Model, grid: DdimGrid, guidance: float, phi: Tensor, x: Tensor, t: Tensor, level: Level,
     level_prev: Level, cond: Condition, null: Condition, target: Tensor, *out_cond: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Eq. 4: ``L_h^(t)(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2`` (a mean), and that x_{t-1}.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4: ``L_h^(t)(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2`` (a mean), that x_{t-1}, and each image's.
 
-    ``phi`` is phi_t's sequence; ``null`` the null condition whose extras it keeps
-    (:mod:`hifi.kernels.condition`). A function of tensors (and conditions) only, after its
-    three fixed arguments, so that an optimiser-step runner (:mod:`hifi.execution`) can
-    capture it once and replay it at every step and for every image. ``out_cond``
-    (optional) is eps(x_t, c), computed once per step without gradients
+    ``phi`` is phi_t's sequence (``[B, L, D]``: one per image of a batch); ``null`` the null
+    condition whose extras it keeps (:mod:`hifi.kernels.condition`). The loss minimised is the
+    sum of the images' means, so each image keeps its own gradient (and, Adam being
+    elementwise, its own updates); for one image it is the mean. A function of tensors (and
+    conditions) only, after its three fixed arguments, so that an optimiser-step runner
+    (:mod:`hifi.execution`) can capture it once and replay it at every step and for every
+    image. ``out_cond`` (optional) is eps(x_t, c), computed once per step without gradients
     (:func:`~hifi.algorithms.sampling.guided_ddim_step`).
     """
     step = DdimStep(t, level, level_prev)
     x_prev = guided_ddim_step(model, grid, x, step, cond, null.with_sequence(phi), guidance, *out_cond)
-    return F.mse_loss(x_prev.float(), target), x_prev
+    per_image = (x_prev.float() - target).pow(2).flatten(1).mean(dim=1)
+    return per_image.sum(), x_prev, per_image
 
 
 def null_text_inversion(
@@ -137,21 +140,48 @@ def null_text_inversion(
     through ``optimiser`` and stops early once the loss is below ``config.tolerance``. phi
     is optimised in float32 whatever the model's dtype. ``model`` and ``optimiser`` arrive
     ready from the edge (eager, compiled or CUDA graphs: :mod:`hifi.execution.edge`).
+    Several photos at once: :func:`null_text_inversions`.
+    """
+    if x_0.shape[0] != 1:
+        raise HifiError(f"null_text_inversion takes one image [1, C, h, w]; use null_text_inversions for a batch of"
+                        f" {x_0.shape[0]}")
+    return null_text_inversions(model, grid, x_0, cond, uncond, config, optimiser=optimiser, progress=progress)[0]
+
+
+def null_text_inversions(
+    model: Model,
+    grid: DdimGrid,
+    x_0: Tensor,
+    cond: Condition,
+    uncond: Condition,
+    config: NullTextConfig | None = None,
+    *,
+    optimiser: StepFactory = adam_steps,
+    progress: bool = False,
+) -> list[NullTextInversion]:
+    """:func:`null_text_inversion` of B images ``[B, C, h, w]`` in one loop, each as if alone (within rounding).
+
+    ``cond`` holds one caption for all or one per image. The inversions and every
+    forward run batched; each image learns its own phi_t (a row of one ``[B, L, D]``
+    parameter, :func:`null_text_loss`), and stops its step early on its own: once an
+    image's loss is below the tolerance its row is put back after every later update of
+    the step, and the step ends when every image has stopped or after K updates.
     """
     config = config or NullTextConfig()
     if grid.num_steps != config.num_steps:
         raise HifiError(f"the DDIM grid has {grid.num_steps} steps but the config asks for {config.num_steps}")
-    guidance = config.guidance
-    device = x_0.device
+    guidance, batch, device = config.guidance, x_0.shape[0], x_0.device
+    if cond.batch not in (1, batch):
+        raise HifiError(f"{cond.batch} captions for {batch} images")
     with torch.no_grad():
         trajectory = ddim_invert(model, grid, x_0, cond)
     loss_fn = Bound(null_text_loss, model, grid, guidance)
 
-    phi = uncond.sequence.detach().float()
+    phi = uncond.sequence.detach().float().expand(batch, *uncond.sequence.shape[1:]).clone()
     runner = optimiser(loss_fn, phi, config.lr)
-    phis: list[Condition] = []
-    losses: list[float] = []
-    iterations: list[int] = []
+    phis: list[Tensor] = []
+    losses: list[list[float]] = []
+    iterations: list[list[int]] = []
     x = trajectory[-1]
     for i, step in enumerate(tqdm(grid.steps, desc="null-text inversion", disable=not progress, leave=False)):
         on = step.on(device)
@@ -160,28 +190,47 @@ def null_text_inversion(
             out_cond = () if config.naive else (model(x, on.t, cond),)
         inputs = (x, on.t, on.level, on.level_prev, cond, uncond, target, *out_cond)
         runner.restart(phi)  # a fresh Adam for each step, from phi_{t+1}*
-        # K updates need K + 1 evaluations: each update returns the loss and x_{t-1} at the
-        # value it started from; a step that stops early puts that value back.
+        stopped = torch.zeros(batch, dtype=torch.bool)
+        step_loss, step_k = [0.0] * batch, [config.inner_steps] * batch
+        x_next = torch.empty_like(x)
+        # K updates need K + 1 evaluations: each update returns the losses and x_{t-1} at the
+        # value it started from; an image that stops early has that value put back.
         for k in range(config.inner_steps + 1):
             if k == config.inner_steps:
                 with torch.no_grad():
-                    loss, x_prev = loss_fn(runner.param, *inputs)
-                break
-            before = runner.param.detach().clone() if config.tolerance > 0 else None
-            loss, x_prev = runner(*inputs)
-            if before is not None and loss.item() < config.tolerance:
+                    _, x_prev, per_image = loss_fn(runner.param, *inputs)
+            else:
+                before = runner.param.detach().clone() if config.tolerance > 0 else None
+                _, x_prev, per_image = runner(*inputs)
+                if before is None:
+                    continue  # no tolerance: nothing to read back before the last evaluation
+            values = per_image.tolist()
+            for b in range(batch):
+                if stopped[b]:
+                    continue
+                if k == config.inner_steps or (config.tolerance > 0 and values[b] < config.tolerance):
+                    stopped[b], step_loss[b], step_k[b] = True, values[b], k
+                    x_next[b] = x_prev[b].detach()
+            if k < config.inner_steps and before is not None and bool(stopped.any()):
                 with torch.no_grad():
-                    runner.param.copy_(before)
+                    runner.param[stopped.to(device)] = before[stopped.to(device)]
+            if bool(stopped.all()):
                 break
         phi = runner.param.detach().clone()
-        phis.append(uncond.with_sequence(phi.to(uncond.dtype)))
-        losses.append(loss.item())
-        iterations.append(k)
-        x = x_prev.detach()
-    return NullTextInversion(
-        trajectory=tuple(trajectory), phis=tuple(phis), reconstruction=x, losses=tuple(losses),
-        iterations=tuple(iterations), cond=cond, guidance=guidance,
-    )
+        phis.append(phi.to(uncond.dtype))
+        losses.append(step_loss)
+        iterations.append(step_k)
+        x = x_next
+    return [
+        NullTextInversion(
+            trajectory=tuple(z[b : b + 1] for z in trajectory),
+            phis=tuple(uncond.with_sequence(p[b : b + 1]) for p in phis),
+            reconstruction=x[b : b + 1], losses=tuple(step[b] for step in losses),
+            iterations=tuple(step[b] for step in iterations), cond=cond if cond.batch == 1 else cond[b],
+            guidance=guidance,
+        )
+        for b in range(batch)
+    ]
 
 
 def null_text_sample(

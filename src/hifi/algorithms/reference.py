@@ -55,10 +55,13 @@ __all__ = [
     "align_reference",
     "choose_reference",
     "first_pass",
+    "first_passes",
     "invert_reference",
+    "invert_references",
     "latent_mask",
     "prepare_references",
     "reference_guided_generate",
+    "reference_guided_generate_many",
     "subject_token_positions",
 ]
 
@@ -158,14 +161,33 @@ def first_pass(
     recorded through :func:`~hifi.algorithms.attention.observed_attention`, which changes no
     number; a pass that records runs ``backend.denoise`` itself (the recording is Python code
     in every forward, which a captured graph would skip), one that does not runs ``model``.
+    Several seeds in one batch: :func:`first_passes`.
     """
+    return first_passes(backend, subject, prompt, [seed], guidance=guidance, num_steps=num_steps,
+                        record_attention=record_attention, progress=progress, model=model)[0]
+
+
+def first_passes(
+    backend: DenoiserBackend,
+    subject: Subject,
+    prompt: str,
+    seeds: Sequence[int],
+    *,
+    guidance: float = 7.5,
+    num_steps: int = 50,
+    record_attention: bool = True,
+    progress: bool = False,
+    model: Model | None = None,
+) -> list[FirstPass]:
+    """:func:`first_pass` of every seed, drawn as one batch (``generate(..., seeds)``); one FirstPass per seed."""
+    seeds = [int(s) for s in seeds]
     store = AttentionStore(max_queries=ATTENTION_MAX_QUERIES)
     first_recorded = int(num_steps * ATTENTION_FROM)
 
     def late_steps(layer: str, probs: Tensor, heads: int) -> Tensor:
         return store(layer, probs, heads) if store.step >= first_recorded else probs
 
-    with _progress(progress, num_steps, f"I_g1 seed {seed}") as bar:
+    with _progress(progress, num_steps, f"I_g1 seeds {', '.join(map(str, seeds))}") as bar:
 
         def callback(i: int, t: int, x: Tensor) -> None:
             store.step = i + 1
@@ -173,18 +195,20 @@ def first_pass(
 
         recording = observed_attention(backend, late_steps) if record_attention else contextlib.nullcontext()
         with recording:
-            drawn = generate(backend, subject, prompt, [seed], guidance=guidance, num_steps=num_steps,
+            drawn = generate(backend, subject, prompt, seeds, guidance=guidance, num_steps=num_steps,
                              callback=callback, model=None if record_attention else model)
     positions: tuple[int, ...] = ()
     attention = None
     if record_attention:
         positions = subject_token_positions(backend, subject, prompt)
         if positions:
-            attention = subject_attention(store, positions, batch=1)
-    return FirstPass(
-        seed=int(seed), x_T=initial_noise(backend, [seed]), image=drawn.images, latents=drawn.latents,
-        attention=attention, positions=positions,
-    )
+            attention = subject_attention(store, positions, batch=len(seeds))
+    x_T = initial_noise(backend, seeds)
+    return [
+        FirstPass(seed=seed, x_T=x_T[b : b + 1], image=drawn.images[b : b + 1], latents=drawn.latents[b : b + 1],
+                  attention=None if attention is None else attention[b : b + 1], positions=positions)
+        for b, seed in enumerate(seeds)
+    ]
 
 
 # Step 2: M_g ---------------------------------------------------------------------------
@@ -279,6 +303,14 @@ def invert_reference(
     Returns ``[x*_0, ..., x*_T]``, each ``[1, C, h, w]``: the pivotal inversion of null-text
     inversion (guidance 1, the caption alone). ``model`` defaults to ``backend.denoise``.
     """
+    return invert_references(backend, image[None], [caption], num_steps=num_steps, progress=progress, model=model)
+
+
+def invert_references(
+    backend: DenoiserBackend, images: Tensor, captions: Sequence[str], *, num_steps: int = 50,
+    progress: bool = False, model: Model | None = None,
+) -> list[Tensor]:
+    """:func:`invert_reference` of B warped references ``[B, 3, H, W]``, each its caption, as one batch."""
     run = model or backend.denoise
     with torch.no_grad(), _progress(progress, num_steps, "inversion") as bar:
 
@@ -286,8 +318,8 @@ def invert_reference(
             bar.update()
             return run(x, t, cond)
 
-        x0 = backend.encode_images(image[None])
-        c_r = backend.encode_text([caption])
+        x0 = backend.encode_images(images)
+        c_r = backend.encode_text(list(captions))
         return ddim_invert(counted, DdimGrid.build(backend.schedule, num_steps), x0, c_r)
 
 
@@ -335,61 +367,100 @@ def reference_guided_generate(
     An I_g1 in which the segmenter finds no subject (or whose warped reference mask covers
     no latent cell) is returned as it is, with the reason in ``fallback`` and ``warnings``.
     ``model`` (default ``backend.denoise``) and ``optimiser`` come ready from the edge: one
-    :class:`~hifi.execution.edge.Execution` serves every image of a run.
+    :class:`~hifi.execution.edge.Execution` serves every image of a run. Several seeds in one
+    batch: :func:`reference_guided_generate_many`.
+    """
+    return reference_guided_generate_many(backend, subject, prompt, [seed], references, perception,
+                                          settings=settings, progress=progress, model=model, optimiser=optimiser)[0]
+
+
+def reference_guided_generate_many(
+    backend: DenoiserBackend,
+    subject: Subject,
+    prompt: str,
+    seeds: Sequence[int],
+    references: References,
+    perception: Perception,
+    *,
+    settings: ReferenceSettings | None = None,
+    progress: bool = False,
+    model: Model | None = None,
+    optimiser: StepFactory = adam_steps,
+) -> list[ReferenceGuided]:
+    """:func:`reference_guided_generate` of every seed, the B images in one batch at each stage that runs the model.
+
+    The first passes are one batch (:func:`first_passes`); each image then gets its own
+    mask, reference, transform and caption; the references' inversions are one batch
+    (:func:`invert_references`), and Algorithm 2 runs every image that did not fall back in
+    one loop, one phi_h each (:func:`~hifi.algorithms.guidance.reference_guided_sample`).
+    Each image equals its batch-of-one result within rounding (``tests/test_batching.py``).
     """
     model = model or backend.denoise
     settings = settings or ReferenceSettings()
     settings.check()
     segmenter = perception.segmenter
-    first = first_pass(
-        backend, subject, prompt, seed, guidance=settings.guidance, num_steps=settings.num_steps,
+    firsts = first_passes(
+        backend, subject, prompt, seeds, guidance=settings.guidance, num_steps=settings.num_steps,
         record_attention=segmenter.wants_attention, progress=progress, model=model,
     )
+    results: list[ReferenceGuided | None] = []
+    guided: list[tuple[int, Tensor, ReferenceChoice, Alignment, Tensor, str]] = []
+    for first in firsts:
 
-    def fall_back(reason: str, generated_mask: Tensor | None = None) -> ReferenceGuided:
-        return ReferenceGuided(
-            seed=first.seed, prompt=prompt, image=first.image[0], latents=first.latents, first=first,
-            generated_mask=generated_mask, fallback=reason,
-            warnings=(f"seed {first.seed}: {reason}; this image is the plain generation",),
-        )
+        def fall_back(reason: str, generated_mask: Tensor | None = None, first: FirstPass = first) -> ReferenceGuided:
+            return ReferenceGuided(
+                seed=first.seed, prompt=prompt, image=first.image[0], latents=first.latents, first=first,
+                generated_mask=generated_mask, fallback=reason,
+                warnings=(f"seed {first.seed}: {reason}; this image is the plain generation",),
+            )
 
-    if segmenter.wants_attention and first.attention is None:
-        return fall_back(f"the subject words are not in the (truncated) prompt {subject.render_prompt(prompt)!r}")
-    latent_size = (int(first.latents.shape[-2]), int(first.latents.shape[-1]))
-    with torch.no_grad():
-        mask_g = segmenter.segment(first.image, subject.class_name, first.attention)[0].bool()
-    if not bool(latent_mask(mask_g, latent_size).any()):
-        return fall_back(f"the {segmenter.name} segmenter found no {subject.class_name} in I_g1", mask_g)
+        if segmenter.wants_attention and first.attention is None:
+            results.append(fall_back(
+                f"the subject words are not in the (truncated) prompt {subject.render_prompt(prompt)!r}"))
+            continue
+        latent_size = (int(first.latents.shape[-2]), int(first.latents.shape[-1]))
+        with torch.no_grad():
+            mask_g = segmenter.segment(first.image, subject.class_name, first.attention)[0].bool()
+        if not bool(latent_mask(mask_g, latent_size).any()):
+            results.append(fall_back(f"the {segmenter.name} segmenter found no {subject.class_name} in I_g1", mask_g))
+            continue
+        with torch.no_grad():
+            choice = choose_reference(perception.embedder.embed(first.image), references.embeddings)
+        source_image = references.images[choice.index].to(backend.device)
+        source_mask = references.masks[choice.index].to(backend.device)
+        alignment = align_reference(source_image, source_mask, mask_g)
+        mask_star = latent_mask(alignment.mask, latent_size)
+        if not bool(mask_star.any()):
+            results.append(fall_back("the aligned reference mask M_r* covers no latent cell", mask_g))
+            continue
+        caption = perception.captioner.caption(source_image[None], subject.class_name)[0]
+        guided.append((len(results), mask_g, choice, alignment, mask_star, caption))
+        results.append(None)
 
-    with torch.no_grad():
-        choice = choose_reference(perception.embedder.embed(first.image), references.embeddings)
-    source_image = references.images[choice.index].to(backend.device)
-    source_mask = references.masks[choice.index].to(backend.device)
-    alignment = align_reference(source_image, source_mask, mask_g)
-    mask_star = latent_mask(alignment.mask, latent_size)
-    if not bool(mask_star.any()):
-        return fall_back("the aligned reference mask M_r* covers no latent cell", mask_g)
-
-    caption = perception.captioner.caption(source_image[None], subject.class_name)[0]
-    trajectory = invert_reference(backend, alignment.image, caption, num_steps=settings.num_steps, progress=progress,
-                                  model=model)
-    grid = DdimGrid.build(backend.schedule, settings.num_steps)
-    with torch.no_grad():
-        conds = step_conditions(backend, subject, prompt, grid)
-    with _progress(progress, settings.num_steps, f"guided seed {seed}") as bar:
-        sample = reference_guided_sample(
-            model, grid, first.x_T, conds, trajectory, mask_star,
-            uncond=backend.null_embedding(), guidance=settings.guidance,
-            t_start=settings.t_start, t_end=settings.t_end, phi_steps=settings.phi_steps, phi_lr=settings.phi_lr,
-            naive=settings.naive, callback=lambda i, t, x: bar.update(), optimiser=optimiser,
-        )
-    with torch.no_grad():
-        image = backend.decode_latents(sample.latents)[0]
-    warnings: tuple[str, ...] = ()
-    if settings.guidance == 1.0 and settings.phi_steps > 0:
-        warnings = ("guidance 1 ignores phi, so the phi_h steps cannot change the image",)
-    return ReferenceGuided(
-        seed=first.seed, prompt=prompt, image=image, latents=sample.latents, first=first, generated_mask=mask_g,
-        reference=choice, reference_name=references.names[choice.index], alignment=alignment, caption=caption,
-        losses=sample.losses, warnings=warnings,
-    )
+    if guided:
+        rows = [firsts[index] for index, *_ in guided]
+        trajectory = invert_references(backend, torch.stack([g[3].image for g in guided]), [g[5] for g in guided],
+                                       num_steps=settings.num_steps, progress=progress, model=model)
+        grid = DdimGrid.build(backend.schedule, settings.num_steps)
+        with torch.no_grad():
+            conds = step_conditions(backend, subject, prompt, grid)
+        with _progress(progress, settings.num_steps, f"guided seeds {', '.join(str(f.seed) for f in rows)}") as bar:
+            sample = reference_guided_sample(
+                model, grid, torch.cat([f.x_T for f in rows]), conds, trajectory, torch.cat([g[4] for g in guided]),
+                uncond=backend.null_embedding(), guidance=settings.guidance,
+                t_start=settings.t_start, t_end=settings.t_end, phi_steps=settings.phi_steps, phi_lr=settings.phi_lr,
+                naive=settings.naive, callback=lambda i, t, x: bar.update(), optimiser=optimiser,
+            )
+        with torch.no_grad():
+            images = backend.decode_latents(sample.latents)
+        warnings: tuple[str, ...] = ()
+        if settings.guidance == 1.0 and settings.phi_steps > 0:
+            warnings = ("guidance 1 ignores phi, so the phi_h steps cannot change the image",)
+        for b, (index, mask_g, choice, alignment, _, caption) in enumerate(guided):
+            first = firsts[index]
+            results[index] = ReferenceGuided(
+                seed=first.seed, prompt=prompt, image=images[b], latents=sample.latents[b : b + 1], first=first,
+                generated_mask=mask_g, reference=choice, reference_name=references.names[choice.index],
+                alignment=alignment, caption=caption, losses=sample.image_losses[b], warnings=warnings,
+            )
+    return [r for r in results if r is not None]

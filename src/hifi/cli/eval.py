@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
         stepwise_steps=args.stepwise_steps, num_steps=args.ddim_steps, seed=args.seed, masks=args.masks,
         learning_rates=((METHODS[args.method].lr_key, args.lr),) if args.lr else (), accel=args.accel,
+        batch_size=args.batch_size,
         reference=ReferenceSettings(num_steps=args.ddim_steps, t_start=args.t_start, t_end=args.t_end,
                                     phi_steps=args.phi_steps),
     )
@@ -111,6 +112,8 @@ def register(sub: Any) -> None:
     p.add_argument("--subjects", default=None, help="comma-separated subject names (default: all 30)")
     p.add_argument("--prompts", type=_positive, default=None, help="first N prompts of each list (default: 25)")
     p.add_argument("--images-per-prompt", type=_positive, default=4)
+    p.add_argument("--batch-size", type=_positive, default=4,
+                   help="seeds of a prompt drawn and guided together (default 4; each image as if alone)")
     p.add_argument("--steps", type=int, default=None, help="tune steps (default: the method's)")
     p.add_argument("--lr", type=float, default=None, help="tuning learning rate (default: the method's mode's)")
     p.add_argument("--stepwise-steps", type=int, default=10)

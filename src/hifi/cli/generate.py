@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerateSettings(
         num_images=args.num_images, seed=args.seed, reference_guided=not args.no_reference,
         save_intermediates=args.save_intermediates, accel=args.accel,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size,
         reference=ReferenceSettings(guidance=args.guidance, num_steps=args.steps, t_start=args.t_start,
                                     t_end=args.t_end, phi_steps=args.phi_steps, phi_lr=args.phi_lr),
     )
@@ -77,6 +77,8 @@ def register(sub: Any) -> None:
     p.add_argument("--accel", choices=ACCEL_MODES, default="eager",
                    help="run the forwards and phi_h steps eagerly, through torch.compile, or as CUDA graphs"
                         " (graph: CUDA only, UNet channels-last; same images within tolerance)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="seeds of a prompt drawn, inverted and guided together (default 4; each image as if alone)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet's activations in the phi_h steps' backward pass (less memory, slower)")
     p.add_argument("--segmenter", default=None, help="attention, grounded-sam, sam (default: as configured)")

@@ -14,6 +14,7 @@ from hifi.kernels.condition import Condition
 
 __all__ = [
     "masked_mse",
+    "masked_mse_per_sample",
     "noise_loss",
     "resize_mask",
     "ridge_to_null",
@@ -70,6 +71,25 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     if not _tracing() and float(denom) <= 0:
         raise ValueError("the subject mask is empty: every pixel is background")
     return (weight * (pred - target) ** 2).sum() / denom
+
+
+def masked_mse_per_sample(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """:func:`masked_mse` of each sample of a batch, ``[B]``: each over its own mask.
+
+    Their sum is the loss of a batch whose samples are optimised together but must keep
+    their own gradients (each sample's term depends on its own parameters only); for
+    B = 1 it is :func:`masked_mse`. Every mask must be non-empty (checked as there).
+    """
+    if mask.shape[0] != pred.shape[0] or mask.shape[-2:] != pred.shape[-2:]:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not match prediction {tuple(pred.shape)};"
+            " resize it with resize_mask first"
+        )
+    weight = mask.to(pred.dtype)
+    denom = weight.flatten(1).sum(dim=1) * pred.shape[1]
+    if not _tracing() and not bool((denom > 0).all()):
+        raise ValueError("a subject mask is empty: every pixel is background")
+    return (weight * (pred - target) ** 2).flatten(1).sum(dim=1) / denom
 
 
 def _tracing() -> bool:

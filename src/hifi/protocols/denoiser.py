@@ -225,8 +225,8 @@ def lora_backend(backend: DenoiserBackend) -> LoraBackend:
 class ChannelsLastBackend(Protocol):
     """A backend that can hold its denoiser in channels-last memory layout."""
 
-    def set_channels_last(self) -> None:
-        """Convert the denoiser's weights to channels-last (no change of any number)."""
+    def set_channels_last(self, on: bool = True) -> None:
+        """Hold the denoiser's weights channels-last (``on``) or in the default layout (no change of any number)."""
         ...
 
 

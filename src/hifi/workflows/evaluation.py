@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from hifi.algorithms.generate import generate
-from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
+from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate_many
 from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.algorithms.tune import TuneConfig
 from hifi.errors import HifiError
@@ -156,6 +156,8 @@ class EvalSettings:
     accel: str = "eager"
     """How the fixed-shape steps run (:func:`hifi.execution.edge.execution_for`): the tunes, the
     generations and the reference-guided loops; the results do not depend on it beyond rounding."""
+    batch_size: int = 4
+    """Up to this many seeds of a prompt drawn (and reference-guided) as one batch; each image as if alone."""
 
     def tune_config(self, method: Method) -> TuneConfig:
         assert method.mode is not None
@@ -281,19 +283,24 @@ def _evaluate_subject(
     text_feats = scorers.text_features([p.replace(SUBJECT_SLOT, class_name) for p in prompts])
     images_for_grid = []
     for pi, prompt in enumerate(prompts):
-        for seed in seeds:
-            path = folder / "images" / f"p{pi:02d}_s{seed}.png"
-            if path.exists():
-                image = image_to_tensor(load_image(path), backend.resolution)
+        paths = {seed: folder / "images" / f"p{pi:02d}_s{seed}.png" for seed in seeds}
+        missing = [seed for seed in seeds if not paths[seed].exists()]
+        drawn: dict[int, Tensor] = {}
+        for start in range(0, len(missing), settings.batch_size):  # a prompt's seeds in batches
+            chunk = missing[start : start + settings.batch_size]
+            if guide:
+                made = [r.image.cpu() for r in reference_guided_generate_many(
+                    backend, subject, prompt, chunk, references, perception, settings=settings.reference,
+                    model=model, optimiser=execution.runner)]
             else:
-                if guide:
-                    image = reference_guided_generate(backend, subject, prompt, seed, references, perception,
-                                                      settings=settings.reference, model=model,
-                                                      optimiser=execution.runner).image.cpu()
-                else:
-                    image = generate(backend, subject, prompt, [seed], num_steps=settings.num_steps,
-                                     model=model).images[0].cpu()
-                save_image(tensor_to_image(image), path)
+                made = list(generate(backend, subject, prompt, chunk, num_steps=settings.num_steps,
+                                     model=model).images.cpu())
+            for seed, image in zip(chunk, made, strict=True):
+                save_image(tensor_to_image(image), paths[seed])
+                drawn[seed] = image
+        for seed in seeds:
+            path = paths[seed]
+            image = drawn[seed] if seed in drawn else image_to_tensor(load_image(path), backend.resolution)
             feats = scorers.image_features(image[None])
             rows.append({**base, "prompt_index": pi, "prompt": prompt.replace(SUBJECT_SLOT, class_name),
                          "seed": seed, "image": str(path.relative_to(out)),
