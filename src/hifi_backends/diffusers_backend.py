@@ -1,11 +1,11 @@
 """One implementation of :class:`hifi.protocols.DenoiserBackend` over diffusers components.
 
 Every backend in this package is this class, fed differently: random tiny components
-(``tiny``, ``tiny-sdxl``), a Stable Diffusion folder (``sd14``, ``sdxl``), or the same in half
-precision (``sd14-fp16``, ``sdxl-fp16``). It adapts the components' interfaces and holds no
-algorithm.
+(``tiny``, ``tiny-sdxl``, ``tiny-sd3``), a Stable Diffusion folder (``sd14``, ``sdxl``, ``sd3``),
+or the same in half precision (``sd14-fp16``, ``sdxl-fp16``, ``sd3-fp16``). It adapts the
+components' interfaces and holds no algorithm.
 
-Two text stacks, told apart by whether a second text encoder is given:
+Three text stacks, told apart by the components given:
 
 - SD 1.x / 2.x: one CLIP text encoder; the condition is its last (layer-normed) hidden
   state, with no extras.
@@ -18,6 +18,10 @@ Two text stacks, told apart by whether a second text encoder is given:
   default, which its pipeline uses as the negative condition): SDXL was trained to drop
   its text condition that way, so zeros are its unconditional input; else the encoded
   empty prompt.
+- SD 3 (an ``SD3Transformer2DModel`` in place of the UNet): the two CLIP encoders'
+  penultimate layers side by side, padded to the transformer's joint width, then the T5
+  part (T5's output, or zeros without T5, as its pipeline does); the extra is both CLIPs'
+  projected embeddings (``pooled_projections``); phi is the encoded empty prompt.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ SD3_LORA_PREFIX = "transformer"
 
 
 class DiffusersBackend:
-    """A latent diffusion model made of a UNet, a VAE, one or two CLIP text encoders and their tokenizers.
+    """A latent diffusion model: a UNet (or SD 3's transformer), a VAE, CLIP text encoders (and T5) with tokenizers.
 
     All weights are frozen (``requires_grad=False``) and in eval mode; an algorithm that
     fine-tunes the denoiser switches its parameters on through :meth:`trainable_parameters`

@@ -1,6 +1,7 @@
 """Pure tensor kernels: functions of tensors and numbers, no state, no devices, no files.
 
-- :mod:`hifi.kernels.ddim`: DDIM step and inverse step (Eq. 1, 3), the schedule value,
+- :mod:`hifi.kernels.ddim`: DDIM step and inverse step (Eq. 1, 3) for DDPM schedules and rectified
+  flows alike, noise levels (alpha, sigma), the schedule value,
   the DDIM grid (:class:`~hifi.kernels.ddim.DdimGrid`), classifier-free guidance.
 - :mod:`hifi.kernels.condition`: the text condition value (sequence + a model's extras).
 - :mod:`hifi.kernels.losses`: noise loss (Eq. 2), masked loss (Eq. 5), ridge-to-null

@@ -61,7 +61,7 @@ class DenoiserBackend(Protocol):
     vae_scale_factor: int
     latent_channels: int
     max_length: int
-    """Text sequence length L (77 for Stable Diffusion)."""
+    """Text sequence length L (77 for Stable Diffusion; SD 3: 77 CLIP positions + its T5 part, 256)."""
     text_width: int
     """Text embedding width D (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
 
