@@ -116,6 +116,7 @@ CASES = [
     ("generate", ["--guidance", "nan"], "--guidance must be a finite number, got nan"),
     ("generate", ["--phi-lr", "inf"], "--phi-lr must be a finite number, got inf"),
     ("generate", ["--num-images", "0"], "--num-images must be at least 1, got 0"),
+    ("generate", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ("generate", ["--model", "random:tiny:notanumber"], "random:tiny or random:tiny:SEED"),
     ("generate", ["--prompt", "a dog " * 12], f"{TOO_LONG} and the last 5 for c_s (--tokens): shorten it"),
     ("edit", ["--source-word", "horse"], "the source word 'horse' is not in the caption 'a cat on the grass'"),

@@ -243,3 +243,21 @@ def test_static_call_replays_the_eager_forward_and_steps_aside_for_gradients():
     x = torch.ones(2, requires_grad=True)
     call(x, torch.tensor(2.0), torch.zeros(2)).sum().backward()  # with gradients: f itself
     assert calls[-1] is True and x.grad is not None
+
+
+def test_static_inputs_take_new_values_of_the_captured_structure_and_refuse_another():
+    """What a graph replays on (CPU-checkable part of graph mode): pytree inputs copied leaf by leaf."""
+    from hifi.errors import HifiError
+    from hifi.execution.fastpath import _StaticInputs
+    from hifi.kernels.condition import Condition
+
+    first = (torch.zeros(2), Condition(torch.zeros(1, 3, 4), {"pooled": torch.zeros(1, 5)}))
+    static = _StaticInputs(first)
+    assert static.values[0] is not first[0] and len(static.leaves) == 3
+    new = (torch.ones(2), Condition(torch.full((1, 3, 4), 2.0), {"pooled": torch.full((1, 5), 3.0)}))
+    static.load(new)
+    assert torch.equal(static.values[0], new[0]) and torch.equal(static.values[1].sequence, new[1].sequence)
+    assert torch.equal(static.values[1].extras["pooled"], new[1].extras["pooled"])
+    assert not first[0].any(), "the caller's tensors are never written"
+    with pytest.raises(HifiError, match="another structure"):
+        static.load((torch.ones(2), Condition(torch.ones(1, 3, 4))))

@@ -21,7 +21,7 @@ from hifi.algorithms.sampling import StepCallback, guided_ddim_step, per_step
 from hifi.errors import HifiError
 from hifi.execution.edge import Bound, StepFactory, adam_steps
 from hifi.kernels.condition import Condition
-from hifi.kernels.ddim import DdimGrid, DdimStep, Level, Timestep
+from hifi.kernels.ddim import DdimGrid, DdimStep, Level, Timestep, timestep_number
 from hifi.kernels.latents import substitute_masked
 from hifi.kernels.losses import masked_mse_per_sample
 from hifi.protocols.denoiser import Model
@@ -151,7 +151,7 @@ def reference_guided_sample(
         raise HifiError("the guidance mask M_r* must be a non-empty boolean latent mask")
     conds = per_step(cond, num_steps)
     batch = x_T.shape[0]
-    if mask.shape[0] not in (1, batch) or any(bool(not m.any()) for m in mask):
+    if mask.shape[0] not in (1, batch) or not bool(mask.flatten(1).any(dim=1).all()):  # one read-back
         raise HifiError(f"the guidance mask must be [1 or B = {batch}, 1, h, w], each image's non-empty")
     weight = mask.float().expand(batch, 1, *mask.shape[-2:])
     loss_fn = Bound(reference_guidance_loss, model, grid, guidance)
@@ -175,7 +175,7 @@ def reference_guided_sample(
             with torch.no_grad():
                 _, x_guided, loss = loss_fn(runner.param, *inputs)
             x_prev = torch.where(mask, x_guided.to(x_prev.dtype), x_prev)
-            step_losses.append((index, grid.timesteps[i], torch.stack([*losses, loss], dim=1)))  # [B, J + 1]
+            step_losses.append((index, timestep_number(step.t), torch.stack([*losses, loss], dim=1)))  # [B, J + 1]
         x = x_prev
         if callback is not None:
             callback(i, int(step.t), x)

@@ -212,8 +212,9 @@ def null_text_inversions(
                     stopped[b], step_loss[b], step_k[b] = True, values[b], k
                     x_next[b] = x_prev[b].detach()
             if k < config.inner_steps and before is not None and bool(stopped.any()):
+                rows = stopped.to(device)
                 with torch.no_grad():
-                    runner.param[stopped.to(device)] = before[stopped.to(device)]
+                    runner.param[rows] = before[rows]
             if bool(stopped.all()):
                 break
         phi = runner.param.detach().clone()

@@ -71,7 +71,7 @@ class AdamStep:
         self.optimizer = torch.optim.Adam([param], lr=lr, capturable=mode == "graph")
         self._compiled: LossFn | None = None
         self._graph: Any = None
-        self._static_in: tuple[Any, ...] = ()
+        self._static: _StaticInputs | None = None
         self._static_out: tuple[Tensor, ...] = ()
         if mode == "compile":
             how = "reduce-overhead" if param.device.type == "cuda" else None
@@ -116,13 +116,15 @@ class AdamStep:
     def _replay(self, inputs: tuple[Any, ...]) -> tuple[Tensor, ...]:
         if self._graph is None:
             self._capture(inputs)
-        _copy_leaves(self._static_in, inputs)
+        assert self._static is not None
+        self._static.load(inputs)
         self._graph.replay()
         return tuple(o.clone() for o in self._static_out)
 
     def _capture(self, inputs: tuple[Any, ...], warmup: int = 3) -> None:
         """Capture forward, backward and Adam in one CUDA graph (PyTorch's whole-network recipe)."""
-        self._static_in = _static_copy(inputs)
+        self._static = _StaticInputs(inputs)
+        static_in = self._static.values
         before = self.param.detach().clone()
         fresh = not self.optimizer.state
         saved = {k: (v.clone() if isinstance(v, Tensor) else v)
@@ -132,13 +134,13 @@ class AdamStep:
         with torch.cuda.stream(side):  # warm-up: lets autograd and Adam allocate their state
             for _ in range(warmup):
                 self.optimizer.zero_grad(set_to_none=True)
-                self.fn(self.param, *self._static_in)[0].backward()
+                self.fn(self.param, *static_in)[0].backward()
                 self.optimizer.step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
-            outputs = self.fn(self.param, *self._static_in)
+            outputs = self.fn(self.param, *static_in)
             outputs[0].backward()
             self.optimizer.step()
         self._graph, self._static_out = graph, tuple(o.detach() for o in outputs)
@@ -153,20 +155,22 @@ class AdamStep:
                         tensor.copy_(torch.as_tensor(saved[key], dtype=tensor.dtype, device=tensor.device))
 
 
-def _static_copy(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Detached copies of every tensor in ``inputs`` (tensors or pytrees of them): a graph's static inputs."""
-    copied: tuple[Any, ...] = pytree.tree_map(lambda x: x.detach().clone(), inputs)
-    return copied
+class _StaticInputs:
+    """A graph's static inputs: detached copies of a call's tensors (or pytrees of them), with their leaves and
+    structure kept from the capture, so that a replay flattens only the new inputs."""
 
+    def __init__(self, inputs: tuple[Any, ...]) -> None:
+        self.values: tuple[Any, ...] = pytree.tree_map(lambda x: x.detach().clone(), inputs)
+        self.leaves, self.spec = pytree.tree_flatten(self.values)
 
-def _copy_leaves(static: tuple[Any, ...], inputs: tuple[Any, ...]) -> None:
-    """Copy ``inputs`` into a graph's static inputs of the same structure; a clear error for another one."""
-    targets, spec = pytree.tree_flatten(static)
-    values, other = pytree.tree_flatten(inputs)
-    if spec != other:
-        raise HifiError("a captured step was called with inputs of another structure than it was captured with")
-    for target, value in zip(targets, values, strict=True):
-        target.copy_(value, non_blocking=True)
+    def load(self, inputs: tuple[Any, ...], leaves: list[Tensor] | None = None) -> None:
+        """Copy ``inputs`` (or their ``leaves``, already flattened and of this structure) into the static tensors."""
+        if leaves is None:
+            leaves, spec = pytree.tree_flatten(inputs)
+            if spec != self.spec:
+                raise HifiError("a captured step was called with inputs of another structure than it was captured with")
+        for target, value in zip(self.leaves, leaves, strict=True):
+            target.copy_(value, non_blocking=True)
 
 
 # -- no-gradient forwards -------------------------------------------------------------------
@@ -195,7 +199,7 @@ class StaticCall:
         self.fn, self.device = fn, torch.device(device)
         self.accel = check_accel(accel, self.device)
         self._compiled: Callable[..., Tensor] | None = None
-        self._graphs: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...], Tensor]] = {}
+        self._graphs: dict[tuple[Any, ...], tuple[Any, _StaticInputs, Tensor]] = {}
         if self.accel == "compile":
             how = "reduce-overhead" if self.device.type == "cuda" else None
             self._compiled = cast(Callable[..., Tensor], torch.compile(fn, mode=how, dynamic=False))
@@ -206,16 +210,17 @@ class StaticCall:
         if self._compiled is not None:
             return self._compiled(*inputs).clone()
         leaves, spec = pytree.tree_flatten(inputs)
-        key = (str(spec), *((tuple(x.shape), x.dtype) for x in leaves))
+        key = (spec, *((tuple(x.shape), x.dtype) for x in leaves))
         if key not in self._graphs:
             self._graphs[key] = self._capture(inputs)
         graph, static_in, static_out = self._graphs[key]
-        _copy_leaves(static_in, inputs)
+        static_in.load(inputs, leaves)  # the key holds the structure: the leaves fit
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, inputs: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], Tensor]:
-        static_in = _static_copy(inputs)
+    def _capture(self, inputs: tuple[Any, ...]) -> tuple[Any, _StaticInputs, Tensor]:
+        static = _StaticInputs(inputs)
+        static_in = static.values
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -224,7 +229,7 @@ class StaticCall:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = self.fn(*static_in)
-        return graph, static_in, static_out
+        return graph, static, static_out
 
 
 def accelerate_model(model: Callable[[Tensor, Any, Any], Tensor], device: torch.device | str,

@@ -57,6 +57,7 @@ __all__ = [
     "flow_sigmas",
     "predict_x0_and_eps",
     "timestep_from_text",
+    "timestep_number",
     "timestep_text",
     "training_target",
 ]
@@ -265,6 +266,11 @@ def flow_sigmas(schedule: Schedule, num_steps: int) -> tuple[float, ...]:
     return tuple(float(s) for s in schedule.shifted(points / n).to(torch.float32))
 
 
+def timestep_number(t: Timestep | Tensor) -> Timestep:
+    """A step's timestep as a Python number (a grid holds numbers; :meth:`DdimStep.on` makes tensors)."""
+    return t.item() if isinstance(t, Tensor) else t
+
+
 def timestep_text(t: Timestep) -> str:
     """A timestep as a file key: ``0981`` for an integer, the shortest exact decimal for a flow's float."""
     return f"{t:04d}" if isinstance(t, int) else repr(float(t))
@@ -334,7 +340,7 @@ class DdimGrid:
     @property
     def timesteps(self) -> tuple[Timestep, ...]:
         """The steps' timesteps (ints, or a flow's floats), largest first: the keys of step-wise c_s^t."""
-        return tuple(s.t if isinstance(s.t, (int, float)) else s.t.item() for s in self.steps)
+        return tuple(timestep_number(s.t) for s in self.steps)
 
     def inversion(self) -> tuple[DdimStep, ...]:
         """The steps in inversion order (smallest timestep first)."""
