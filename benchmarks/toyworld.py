@@ -4,13 +4,17 @@
     python -m benchmarks.toyworld tables --out benchmarks/results/toyworld-tables
 
 ``check``: does the bundled model follow prompts (ToyCLIP zero-shot scene and class of
-generated images, beside the same classifier on renders), and do the metrics separate
-(real vs real, other subjects' photos, generations without the subject)?
+generated images, beside the same classifier on renders), does it draw the prompted colour,
+pattern and mark (the segmenter and the detail classifier, no ToyCLIP), and what does it
+show of each subject without the method (the reference rows: real vs real, the photos' VAE
+round trips, untuned generations told the exact description or the class word, other
+subjects' photos)?
 
 ``tables``: every row of Table 1 and Table 2 through ``hifi eval``'s library API on the
 ToyWorld subjects, with the world's identity metric (DINO's role), ToyCLIP-I and ToyCLIP-T,
-mean and 95% bootstrap interval over (subject, seed) cells; a plot; and each row's grid
-for two subjects. Step counts are scaled down for this world and equal across rows.
+mean and 95% bootstrap interval over (subject, seed) cells, beside the reference rows (the
+exact description, untuned, and the VAE round trip: one cell per subject); a plot; and each
+row's grid for two subjects. Step counts are scaled down for this world and equal across rows.
 Both are resumable (the evaluation's files are reused) and write atomically.
 """
 
@@ -153,6 +157,8 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
                 results[row][metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(cells)}
     results["other-subjects"] = _other_subjects(dataset_dir, settings.subjects, scorers,
                                                 size=64 if dataset is None else 256)
+    if dataset is None and backend == "toy":
+        results.update(_reference(work, settings, backend_for(), scorers))
     summary = {
         "settings": attrs.asdict(settings),
         "backend": backend,
@@ -175,6 +181,35 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
                 with atomic_path(out / "grids" / f"{subject}.{row}.png") as tmp:
                     shutil.copyfile(grid, tmp)
     return summary
+
+
+REFERENCE = {"exact": "No tuning, told the subject's exact description (reference)",
+             "vae": "VAE round trip of the photos (the latent's ceiling, reference)"}
+"""The tables' reference rows on ToyWorld (:func:`hifi_backends.toy.quality.reference_rows`)."""
+
+
+def _reference(work: Path, settings: TableSettings, backend: Any, scorers: Scorers) -> dict[str, Any]:
+    """The reference rows for the tables' subjects, prompts and image seeds (one cell per subject); cached in
+    ``work/reference.json`` for the settings they were measured under."""
+    import json
+
+    from hifi.toyworld.subjects import PROMPTS
+    from hifi_backends.toy.quality import reference_rows
+
+    seeds = [s * 10_000 + k for s in settings.seeds for k in range(settings.images_per_prompt)]
+    key = {"subjects": list(settings.subjects), "prompts": settings.prompts, "seeds": seeds,
+           "ddim_steps": settings.ddim_steps}
+    cache = work / "reference.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return dict(saved["rows"])
+    report = reference_rows(backend, scorers, subjects=settings.subjects, templates=PROMPTS[: settings.prompts],
+                            seeds=seeds, num_steps=settings.ddim_steps)
+    rows = {name: {m: {k: v for k, v in e.items() if k != "per_subject"} for m, e in report.rows[name].items()}
+            for name in REFERENCE}
+    write_json(cache, {"key": key, "rows": rows})
+    return rows
 
 
 def _other_subjects(dataset_dir: Path, subjects: Sequence[str], scorers: Scorers, size: int = 64) -> dict[str, Any]:
@@ -211,7 +246,7 @@ def tables_markdown(summary: dict[str, Any]) -> str:
     def table(names: Sequence[str]) -> list[str]:
         lines = list(head)
         for name in names:
-            label = METHODS[name].description if name in METHODS else name
+            label = METHODS[name].description if name in METHODS else REFERENCE.get(name, name)
             lines.append(f"| {label} (`{name}`) | " + " | ".join(_fmt(rows.get(name, {}).get(m)) for m in METRICS)
                          + " |")
         return lines
@@ -233,16 +268,24 @@ def tables_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Table 1",
         "",
-        *table(summary["table1"]),
+        *table(_with_reference(summary["table1"], rows, after="no-tuning")),
         f"| other subjects' photos (floor) | {_fmt(rows['other-subjects'].get('dino'))} |"
         f" {_fmt(rows['other-subjects'].get('clip_i'))} | n/a |",
         "",
         "## Table 2",
         "",
-        *table(summary["table2"]),
+        *table(_with_reference(summary["table2"], rows)),
         "",
     ]
     return "\n".join(lines)
+
+
+def _with_reference(names: Sequence[str], rows: dict[str, Any], after: str | None = None) -> list[str]:
+    """A table's rows with the reference rows that were measured, after ``after`` (else first)."""
+    refs = [r for r in REFERENCE if r in rows]
+    out = list(names)
+    at = out.index(after) + 1 if after in out else 0
+    return out[:at] + refs + out[at:]
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
@@ -253,7 +296,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # the plot is a convenience; the tables carry the numbers
         return
-    names = [n for n in ROWS if n in summary["rows"]]
+    names = [n for n in _with_reference(ROWS, summary["rows"], after="no-tuning") if n in summary["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, metric in zip(axes, METRICS, strict=True):
         ys, los, his, labels = [], [], [], []
@@ -279,27 +322,51 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, num_steps: int = 25,
-              guidance: float = 7.5, device: str | None = None) -> dict[str, Any]:
-    """Prompt following and metric separation of the ToyWorld model; writes ``check.json`` and ``check.md``.
+              guidance: float = 7.5, device: str | None = None, reference_steps: int = 20,
+              reference_seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
+    """Prompt following, detail following and the reference rows of the ToyWorld model; writes ``check.json``
+    and ``check.md``.
 
     ``device`` is where the diffusion model runs (default the CPU); the scorers stay on the CPU.
+    The reference rows use the tables' protocol (the first 6 prompts, T = ``reference_steps``,
+    guidance 7.5, one image per prompt and seed in ``reference_seeds``).
     """
-    from hifi_backends.toy.perception import build_toy_segmenter, load_toyclip
-    from hifi_backends.toy.quality import colour_following, prompt_following
+    from hifi_backends.toy.perception import build_toy_detail, build_toy_segmenter, load_toyclip
+    from hifi_backends.toy.quality import colour_following, detail_following, prompt_following, reference_rows
 
     out = Path(out)
     backend = load_backend("toy", model=model, **({"device": device} if device else {}))
     clip = load_toyclip(model)
+    detail = build_toy_detail(model=model)
     began = time.time()
     report = prompt_following(backend, clip, samples=samples, num_steps=num_steps, guidance=guidance)
     colour = colour_following(backend, build_toy_segmenter(model=model), samples=samples, num_steps=num_steps,
                               guidance=guidance)
+    details = detail_following(backend, detail, samples=samples, num_steps=num_steps, guidance=guidance)
     seconds = round(time.time() - began, 1)
-    separation = _separation(backend, Scorers(load_embedder("toy-id", model=model), clip), num_steps)
-    result = {"prompt_following": report.as_dict(), "colour_following": colour.as_dict(), "seconds": seconds,
-              "num_steps": num_steps, "guidance": guidance,
-              "separation": separation, "model": model or "bundled ToyWorld model"}
+    scorers = Scorers(load_embedder("toy-id", model=model), clip)
+    reference = reference_rows(backend, scorers, seeds=reference_seeds, num_steps=reference_steps, detail=detail)
+    result = {"prompt_following": report.as_dict(), "colour_following": colour.as_dict(),
+              "detail_following": details.as_dict(), "seconds": seconds, "num_steps": num_steps,
+              "reference_steps": reference_steps,
+              "guidance": guidance, "reference": reference.as_dict(), "model": model or "bundled ToyWorld model"}
     write_json(out / "check.json", result)
+    with atomic_path(out / "check.md") as tmp:
+        tmp.write_text(check_markdown(result))
+    return result
+
+
+def _pct(entry: dict[str, Any]) -> str:
+    return f"{entry['rate']:.0%} [{entry['ci95'][0]:.0%}, {entry['ci95'][1]:.0%}]"
+
+
+def check_markdown(result: dict[str, Any]) -> str:
+    """``check.md`` of a :func:`run_check` result."""
+    from hifi_backends.toy.quality import REFERENCE_ROWS
+
+    report, colour, details = result["prompt_following"], result["colour_following"], result["detail_following"]
+    ref = result["reference"]
+    samples, num_steps, guidance = report["samples"], result["num_steps"], result["guidance"]
     md = [
         "# ToyWorld model check",
         "",
@@ -309,86 +376,93 @@ def run_check(out: str | Path, *, model: str | None = None, samples: int = 60, n
         "",
         "| images | scene recovered | class recovered |",
         "| --- | ---: | ---: |",
-        f"| generated by the ToyWorld model | {report.scene_accuracy:.0%} | {report.class_accuracy:.0%} |",
-        f"| rendered (the classifier's own ceiling) | {report.renders_scene_accuracy:.0%} |"
-        f" {report.renders_class_accuracy:.0%} |",
-        f"| rendered, then through the VAE (the latent space's ceiling) | {report.vae_scene_accuracy:.0%} |"
-        f" {report.vae_class_accuracy:.0%} |",
+        f"| generated by the ToyWorld model | {report['scene_accuracy']:.0%} | {report['class_accuracy']:.0%} |",
+        f"| rendered (the classifier's own ceiling) | {report['renders_scene_accuracy']:.0%} |"
+        f" {report['renders_class_accuracy']:.0%} |",
+        f"| rendered, then through the VAE (the latent space's ceiling) | {report['vae_scene_accuracy']:.0%} |"
+        f" {report['vae_class_accuracy']:.0%} |",
         "",
         f"Colour: {samples} more generations for \"a <colour> <class> <scene>\" (8 main colours); the colour shown is"
         " the palette colour nearest the median of the object's pixels (the toy segmenter's mask), no ToyCLIP.",
         "",
         "| images | colour recovered |",
         "| --- | ---: |",
-        f"| generated by the ToyWorld model | {colour.colour_accuracy:.0%} |",
-        f"| rendered, plain (the measure's own ceiling) | {colour.renders_colour_accuracy:.0%} |",
+        f"| generated by the ToyWorld model | {colour['colour_accuracy']:.0%} |",
+        f"| rendered, plain (the measure's own ceiling) | {colour['renders_colour_accuracy']:.0%} |",
         "",
+        f"Details: {details['samples']} more generations for full captions of random patterned, marked looks"
+        " (\"a red mug with white stripes and a blue cross on the beach\"); the toy detail classifier (the object"
+        " cropped by the toy segmenter's mask, a small CNN trained on crops of blurred renders, no ToyCLIP) reads"
+        " the pattern, the mark and their colours. Following = the"
+        " prompted pattern (mark) in its colour; the kind alone beside it. 95% Wilson intervals.",
+        "",
+        "| images | pattern | mark | pattern kind | mark kind |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
+    for label, key in (("generated by the ToyWorld model", "generated"),
+                       ("rendered (the judge's own ceiling)", "renders"),
+                       ("rendered, then through the VAE (the latent space's ceiling)", "vae")):
+        d = details[key]
+        md.append(f"| {label} | {_pct(d['pattern'])} | {_pct(d['mark'])} | {_pct(d['pattern_kind'])} |"
+                  f" {_pct(d['mark_kind'])} |")
+    rows = ref["rows"]
     md += [
-        "Do the metrics separate? Each subject's photos against: its own other photos (real vs real), every other",
-        "subject's photos, and 4 generations of its class word alone (\"a mug on the beach\", no tuning,"
-        " guidance 7.5 whatever the scale above);",
-        "mean and 95% bootstrap interval over the 10 subjects.",
         "",
-        "| row | identity (DINO's role) | ToyCLIP-I |",
-        "| --- | ---: | ---: |",
+        f"Reference rows: what the model shows of each evaluation subject without the method. Each subject's 5"
+        f" photos against: its own other photos, their VAE round trips (each against the other photos), untuned"
+        f" generations told its exact description (\"a red mug with white stripes and a yellow diamond on the"
+        f" beach\") or only its class word (\"a mug on the beach\"), and the other subjects' photos. Generations:"
+        f" the first {len(ref['prompts'])} prompts, seeds {list(ref['seeds'])}, T = {result['reference_steps']},"
+        " guidance 7.5. Mean and 95% bootstrap interval over the 10 subjects.",
+        "",
+        "| row | identity (DINO's role) | ToyCLIP-I | ToyCLIP-T |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    md += [f"| {name} | {_fmt(v['dino'])} | {_fmt(v['clip_i'])} |" for name, v in separation.items()]
+    for key, label in REFERENCE_ROWS.items():
+        r = rows[key]
+        md.append(f"| {label} | {_fmt(r.get('dino'))} | {_fmt(r.get('clip_i'))} | {_fmt(r.get('clip_t'))} |")
+    detail_ref = ref.get("detail", {})
+    if detail_ref:
+        md += [
+            "",
+            "Pattern and mark following of the subjects' own images (the detail classifier; mean over subjects, 95%"
+            " bootstrap interval; hits of all images):",
+            "",
+            "| images | pattern | mark |",
+            "| --- | ---: | ---: |",
+        ]
+        for key, label in (("photos", "the photos"), ("vae", "the photos' VAE round trips"),
+                           ("exact", "untuned, told the exact description")):
+            if key in detail_ref:
+                d = detail_ref[key]
+                md.append(f"| {label} | {_fmt(d['pattern'])} ({d['pattern']['hits']}/{d['pattern']['n']}) |"
+                          f" {_fmt(d['mark'])} ({d['mark']['hits']}/{d['mark']['n']}) |")
+    names = list(rows["real"]["dino"]["per_subject"])
+    md += ["", "Per subject (identity):", "",
+           "| subject | real | VAE round trip | exact description | class word | pattern (exact) | mark (exact) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in names:
+        cells = [f"{rows[k]['dino']['per_subject'][n]:.3f}" for k in ("real", "vae", "exact", "class")]
+        if "exact" in detail_ref:
+            cells += [f"{detail_ref['exact'][m]['per_subject'][n]:.0%}" for m in ("pattern", "mark")]
+        else:
+            cells += ["n/a", "n/a"]
+        md.append(f"| {n} | " + " | ".join(cells) + " |")
     md.append("")
-    with atomic_path(out / "check.md") as tmp:
-        tmp.write_text("\n".join(md))
-    return result
-
-
-def _separation(backend: Any, scorers: Scorers, num_steps: int) -> dict[str, Any]:
-    """Real vs real, other subjects' photos, and no-tuning generations, per subject."""
-    from hifi.algorithms.generate import generate
-    from hifi.algorithms.subject import Subject
-    from hifi.toyworld.subjects import PROMPTS, subject_photos
-
-    feats = {}
-    for name in SUBJECTS:
-        images = torch.stack([torch.from_numpy(p[0]).permute(2, 0, 1).float() / 127.5 - 1
-                              for p in subject_photos(name)])
-        feats[name] = scorers.image_features(images)
-    cells: dict[str, dict[str, list[float]]] = {
-        "real vs real (no self-pairs)": {"dino": [], "clip_i": []},
-        "other subjects' photos": {"dino": [], "clip_i": []},
-        "no tuning (class word alone)": {"dino": [], "clip_i": []},
-    }
-    for k, (name, look) in enumerate(SUBJECTS.items()):
-        prompts = [PROMPTS[i].format("", look.cls).replace("  ", " ") for i in range(4)]
-        generated = torch.cat([generate(backend, Subject.plain(look.cls), p, [k * 10 + i], num_steps=num_steps)
-                               .images.cpu() for i, p in enumerate(prompts)])
-        gen = scorers.image_features(generated)
-        for metric, key in (("dino", "dino"), ("clip_i", "clip")):
-            own = feats[name][key]
-            sims = own @ own.T
-            off = ~torch.eye(len(sims), dtype=torch.bool)
-            cells["real vs real (no self-pairs)"][metric].append(float(sims[off].mean()))
-            cells["other subjects' photos"][metric].append(
-                statistics.fmean(float((own @ feats[o][key].T).mean()) for o in SUBJECTS if o != name))
-            cells["no tuning (class word alone)"][metric].append(float((gen[key] @ own.T).mean()))
-    out: dict[str, Any] = {}
-    for row, metrics in cells.items():
-        out[row] = {}
-        for metric, values in metrics.items():
-            mean, lo, hi = _interval(values)
-            out[row][metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(values)}
-    return out
+    return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.toyworld", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="prompt following of the ToyWorld model")
+    c = sub.add_parser("check", help="prompt and detail following and the reference rows of the ToyWorld model")
     c.add_argument("--out", default="benchmarks/results/toyworld-model")
     c.add_argument("--model", default=None, help="a ToyWorld folder (default: the bundled one)")
     c.add_argument("--samples", type=int, default=60)
     c.add_argument("--ddim-steps", type=int, default=25)
     c.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale of the prompt-following and colour generations"
-                        " (the separation rows keep 7.5)")
+                        " (the reference rows keep 7.5)")
     c.add_argument("--device", default=None, help="where the diffusion model runs (default: cpu)")
     t = sub.add_parser("tables", help="Table 1 and Table 2 on ToyWorld")
     t.add_argument("--out", default="benchmarks/results/toyworld-tables")

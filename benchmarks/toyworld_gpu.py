@@ -3,7 +3,7 @@
     python -m benchmarks.toyworld_gpu --carried DIR --work /tmp/tw --out OUT
 
 ``DIR`` holds the small models of a CPU run's work folder (``tokenizer``, ``toyclip_metric``,
-``toyclip_unet``, ``identity``, ``segmenter`` and their ``<stage>.json``): they take minutes
+``toyclip_unet``, ``identity``, ``segmenter``, ``detail`` and their ``<stage>.json``): they take minutes
 on the CPU and are not what limits the generated class. This script then runs, on the GPU,
 what does: the pool (re-rendered from the seed, ``looks`` of :meth:`TrainSettings.gpu`), the
 VAE stages, the latents, and then the UNet of each variant side by side in two processes
@@ -38,9 +38,9 @@ from hifi_backends.toy.training.bundle import _save_model_dir, stage_bundle
 from hifi_backends.toy.training.pipeline import run_stage
 from hifi_backends.toy.training.settings import TrainSettings, _device, settings_over
 
-SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter")
+SMALL = ("tokenizer", "toyclip_metric", "toyclip_unet", "identity", "segmenter", "detail")
 """The folders carried from a CPU run (with their stages' ``.json``)."""
-SMALL_STATS = ("clip", "clip_metric", "clip_unet", "identity", "segmenter")
+SMALL_STATS = ("clip", "clip_metric", "clip_unet", "identity", "segmenter", "detail")
 SHARED = ("pool.npz", "pool.json", "render.json", "latents.pt", "latents.json", "vae_final", "vae.json",
           "vae_detail.json", *SMALL, *(f"{n}.json" for n in SMALL_STATS))
 """What the UNet variants' work folders link to in the main one."""
@@ -85,8 +85,8 @@ def _unet_process(work: Path, s: TrainSettings, log: Path) -> subprocess.Popen[b
 
 def _report(work: Path, s: TrainSettings, stages: list[str], *, vae_carried: bool = False) -> dict[str, Any]:
     ran = "render, latents and unet" if vae_carried else "render, vae, vae_detail, latents and unet"
-    carried = "clip_metric, clip_unet, identity, segmenter, tokenizer" + (", and the VAE (see vae.json)" if vae_carried
-                                                                          else "")
+    carried = "clip_metric, clip_unet, identity, segmenter, detail, tokenizer"
+    carried += ", and the VAE (see vae.json)" if vae_carried else ""
     return {
         "settings": attrs.asdict(s),
         "stages": {n: json.loads((work / f"{n}.json").read_text()) for n in stages if (work / f"{n}.json").exists()},

@@ -55,16 +55,21 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def probe(work: Path, channels: int, steps: int, batch: int = 16, seed: int = 0, edge_weight: float = 0.0,
-          init: Any | None = None, decoder_only: bool = False) -> dict[str, Any]:
+          init: Any | None = None, decoder_only: bool = False, config: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
     """A fresh VAE with the `vae` stage's recipe; or, from ``init``, more steps of `vae_detail`'s.
 
-    ``decoder_only`` freezes the encoder (the latents, so a UNet trained on them stays valid).
+    ``decoder_only`` freezes the encoder (the latents, so a UNet trained on them stays valid);
+    ``config`` replaces the fresh VAE's architecture (default: :func:`vae_config` with ``channels``).
     """
     from diffusers import AutoencoderKL
 
     pool = Pool(work)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**{**vae_config(), "latent_channels": channels}) if init is None else init.train()
+    if init is None:
+        vae = AutoencoderKL(**(config or {**vae_config(), "latent_channels": channels}))
+    else:
+        vae = init.train()
     lr = 1e-3 if init is None else 5e-4
     if decoder_only:
         for module in (vae.encoder, vae.quant_conv):

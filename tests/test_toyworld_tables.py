@@ -16,12 +16,17 @@ def test_tables_command_writes_every_row_with_finite_values(tmp_path, capsys):
     assert toyworld.main(argv) == 0
     assert "## Table 1" in capsys.readouterr().out
     summary = json.loads((out / "tables.json").read_text())
-    assert set(summary["rows"]) == set(toyworld.ROWS) | {"other-subjects"}
-    for name in toyworld.ROWS:
-        metrics = ("dino", "clip_i") if name == "real" else ("dino", "clip_i", "clip_t")
+    assert set(summary["rows"]) == set(toyworld.ROWS) | {"other-subjects"} | set(toyworld.REFERENCE)
+    for name in (*toyworld.ROWS, *toyworld.REFERENCE):
+        metrics = ("dino", "clip_i") if name in ("real", "vae") else ("dino", "clip_i", "clip_t")
         for m in metrics:
             entry = summary["rows"][name][m]
             assert math.isfinite(entry["mean"]) and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
     table = (out / "tables.md").read_text()
-    assert all(f"(`{name}`)" in table for name in toyworld.ROWS)
+    assert all(f"(`{name}`)" in table for name in (*toyworld.ROWS, *toyworld.REFERENCE))
+    # The reference rows stand beside "real" and "no tuning" in Table 1, and open Table 2.
+    table1, table2 = table.split("## Table 2")
+    assert table1.index("(`no-tuning`)") < table1.index("(`exact`)") < table1.index("(`vae`)") < table1.index("(`ti`)")
+    assert table2.index("(`exact`)") < table2.index("(`ti`)")
+    assert (tmp_path / "tables" / "work" / "reference.json").exists()
     assert (out / "tables.png").exists() and (out / "grids" / "striped_mug.hifi.png").exists()

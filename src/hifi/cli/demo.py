@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     for w in result.warnings:
         warn(w)
     print(result.table)
-    print(f"wrote {result.grid} (rows: source photos, masks, plain generations, guided generations,"
-          " masks found in the generations) and metrics.md / metrics.json")
+    print(f"wrote {result.grid} (rows, each with its figure: the photos, their masks, untuned generations of the"
+          " class word and of a ToyWorld subject's exact description, plain and guided generations, the masks"
+          " found in the guided ones) and metrics.md / metrics.json")
     return 0
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "load_image",
     "mask_to_tensor",
     "make_grid",
+    "make_labelled_grid",
     "save_image",
     "tensor_to_image",
     "write_json",
@@ -154,4 +155,37 @@ def make_grid(
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid.paste(im.convert("RGB").resize((cell, cell)), (pad + c * (cell + pad), pad + r * (cell + pad)))
+    return grid
+
+
+def _fit(im: Image.Image, cell: int) -> Image.Image:
+    """``im`` square at ``cell`` pixels: nearest-neighbour when it grows by a whole factor (its pixels stay
+    visible as pixels, a 64-pixel pattern readable), Lanczos otherwise."""
+    im = im.convert("RGB")
+    if im.size == (cell, cell):
+        return im
+    grows_whole = im.width == im.height and cell % im.width == 0
+    return im.resize((cell, cell), Image.Resampling.NEAREST if grows_whole else Image.Resampling.LANCZOS)
+
+
+def make_labelled_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int, label_width: int = 260,
+                       pad: int = 4, font_size: int = 15) -> Image.Image:
+    """One row of images per ``(label, images)``, its label (lines split at ``\\n``) in a column on the left.
+
+    Images are resized to ``cell`` pixels square (:func:`_fit`); short rows are left blank at the end.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if not rows or not any(images for _, images in rows):
+        raise ValueError("no images for the grid")
+    cols = max(len(images) for _, images in rows)
+    width = label_width + cols * (cell + pad) + pad
+    grid = Image.new("RGB", (width, len(rows) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=font_size)
+    for r, (label, images) in enumerate(rows):
+        top = pad + r * (cell + pad)
+        draw.multiline_text((pad + 2, top + 4), label, fill="black", font=font, spacing=3)
+        for c, im in enumerate(images):
+            grid.paste(_fit(im, cell), (label_width + pad + c * (cell + pad), top))
     return grid

@@ -21,7 +21,7 @@ from PIL import Image
 from hifi.io.images import atomic_path, save_image
 from hifi.toyworld.world import SCENES, Look, ToyObject, render, sample_pose
 
-__all__ = ["PROMPTS", "SUBJECTS", "export_dataset", "subject_photos"]
+__all__ = ["PROMPTS", "SUBJECTS", "exact_prompt", "export_dataset", "subject_photos"]
 
 SUBJECTS: dict[str, Look] = {
     "striped_mug": Look("mug", "red", "stripes", "white", "diamond", "yellow"),
@@ -45,6 +45,22 @@ PROMPTS: tuple[str, ...] = (
     + tuple(f"a {colour} {{0}} {{1}}" for colour in ("red", "blue", "green", "yellow", "purple"))
 )
 """25 prompt templates, ``{0}`` the unique token and ``{1}`` the class word (DreamBooth's format)."""
+
+
+def exact_prompt(template: str, look: Look) -> str:
+    """A prompt template with the subject's exact description in place of ``{0} {1}``.
+
+    ``exact_prompt("a {0} {1} on the beach", SUBJECTS["striped_mug"])`` is ``"a red mug with
+    white stripes and a yellow diamond on the beach"``: what an untuned model is told when it
+    is told everything the subject is made of (the check's reference row).
+    """
+    extras = []
+    if look.pattern != "plain":
+        extras.append(f"{look.colour2} {look.pattern}")
+    if look.mark != "none":
+        extras.append(f"a {look.mark_colour} {look.mark}")
+    rest = look.cls + (" with " + " and ".join(extras) if extras else "")
+    return template.format(look.colour, rest)
 
 
 def subject_photos(name: str, n: int = PHOTOS_PER_SUBJECT) -> list[tuple[np.ndarray, np.ndarray, ToyObject]]:

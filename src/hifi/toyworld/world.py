@@ -34,6 +34,7 @@ __all__ = [
     "Pose",
     "ToyObject",
     "caption",
+    "detail_coverage",
     "render",
     "sample_object",
     "sample_pose",
@@ -297,17 +298,35 @@ def _mark(mark: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown mark {mark!r}; choose from {MARKS}")
 
 
+def _object_coords(pose: Pose, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Object coordinates ``(u, v)`` of the centres of an ``n`` x ``n`` pixel grid."""
+    y, x = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / n
+    a = math.radians(pose.angle)
+    dx, dy = (x - pose.cx) / pose.scale, (y - pose.cy) / pose.scale
+    return math.cos(a) * dx + math.sin(a) * dy, -math.sin(a) * dx + math.cos(a) * dy
+
+
+def detail_coverage(obj: ToyObject, size: int = SIZE) -> np.ndarray:
+    """Where an object's details show: the fraction of each pixel its pattern or mark covers.
+
+    ``[size, size]`` float32 in [0, 1] (rendered at 2x and averaged, as :func:`render`): the
+    second colour's and the mark colour's pixels inside the object; zeros for a plain,
+    unmarked look. The UNet's training weights its loss there (``unet_detail_weight``).
+    """
+    n = size * 2
+    u, v = _object_coords(obj.pose, n)
+    look = obj.look
+    detail = _shape(look.cls, u, v) & (_pattern(look.pattern, u, v) | _mark(look.mark, u, v))
+    return detail.reshape(size, 2, size, 2).mean(axis=(1, 3)).astype(np.float32)
+
+
 def render(obj: ToyObject, seed: int = 0, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Render an object: ``(image [size, size, 3] uint8, mask [size, size] bool)``."""
     rng = np.random.default_rng(seed)
     n = size * 2
     img = _background(obj.scene, n, rng)
-    y, x = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / n
     pose, look = obj.pose, obj.look
-    a = math.radians(pose.angle)
-    dx, dy = (x - pose.cx) / pose.scale, (y - pose.cy) / pose.scale
-    u = math.cos(a) * dx + math.sin(a) * dy
-    v = -math.sin(a) * dx + math.cos(a) * dy
+    u, v = _object_coords(pose, n)
     inside = _shape(look.cls, u, v)
     # Soft shading: a little darker towards the object's lower right, as if lit from above left.
     shade = (1.0 - 0.12 * np.clip((u + v) / 2.0, -1.0, 1.0))[..., None]

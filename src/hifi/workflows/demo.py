@@ -2,8 +2,12 @@
 
 Takes a ToyWorld subject's photos and exact masks (:mod:`hifi.toyworld`; or a folder of
 your photos), tunes on them (Section 3.2), generates each prompt plainly (Eq. 7) and with
-reference guidance (Algorithm 2), and writes a grid (sources, masks, plain and guided
-generations, the generated-image masks) and a table of subject similarity. On the ``toy``
+reference guidance (Algorithm 2), and writes a grid and a table of subject similarity. The
+grid's rows, each labelled with its figure: the photos, their masks, untuned generations of
+the class word alone and (a ToyWorld subject) of the subject's exact description, the plain
+and the guided generations, and the masks found in the guided ones; small images are
+enlarged by a whole factor, pixel for pixel, so that a 64-pixel pattern can be seen. The
+subject and prompts are fixed in the code, not chosen from results. On the ``toy``
 backend (the default: ToyWorld's model, trained from scratch and bundled) the numbers mean
 something; on ``tiny`` (random weights) they only show that every stage runs. With
 ``--backend sd14 --model PATH --photos DIR`` it is the real thing.
@@ -21,12 +25,12 @@ from torch import Tensor
 
 from hifi.algorithms.generate import generate
 from hifi.algorithms.reference import ReferenceSettings, reference_guided_generate
-from hifi.algorithms.subject import Subject
+from hifi.algorithms.subject import SUBJECT_SLOT, Subject
 from hifi.algorithms.tune import TuneConfig
 from hifi.errors import HifiError
 from hifi.io.images import (
     atomic_path,
-    make_grid,
+    make_labelled_grid,
     save_image,
     tensor_to_image,
     write_json,
@@ -35,7 +39,7 @@ from hifi.io.runs import CHECKPOINT_DIR, RUN_FILE, apply_run, load_run
 from hifi.kernels.similarity import cosine_similarity_matrix
 from hifi.perception.registry import configured_perception
 from hifi.protocols.denoiser import DenoiserBackend
-from hifi.toyworld.subjects import SUBJECTS, export_dataset
+from hifi.toyworld.subjects import SUBJECTS, exact_prompt, export_dataset
 from hifi.workflows.photos import load_references
 from hifi.workflows.tune import tune_to_run
 
@@ -128,16 +132,30 @@ def run_demo(
     plain_all, guided_all = torch.cat(plain), torch.cat(guided)
     assert class_name is not None
     untuned = Subject.plain(class_name)  # no subject: the class word alone
-    no_subject = torch.cat([generate(backend, untuned, p, list(seeds),
-                                     num_steps=config.num_steps).images for p in prompts])
+    no_subject = torch.cat([generate(backend, untuned, p, list(seeds), num_steps=config.num_steps).images
+                            for p in prompts])
+    # A ToyWorld subject's exact description ("a red mug with white stripes and a yellow diamond on
+    # the beach"), untuned: what the model draws when told everything the subject is made of.
+    exact = None
+    if photos is None:
+        look = SUBJECTS[toy_subject]
+        exact = torch.cat([generate(backend, untuned, exact_prompt(p.replace(SUBJECT_SLOT, "{0} {1}"), look),
+                                    list(seeds), num_steps=config.num_steps).images for p in prompts])
+    with torch.no_grad():
+        round_trip = backend.decode_latents(backend.encode_images(sources.to(backend.device, backend.dtype)))
+        round_trip = round_trip.float().clamp(-1.0, 1.0)
 
     embedder = perception.embedder
     similarity = {
         "real images (real vs real, no self-pairs)": _similarity(embedder, sources, sources, exclude_self=True),
+        "VAE round trip of the photos (the latent's ceiling)": _similarity(embedder, round_trip, sources,
+                                                                          exclude_self=True),
         "no tuning (class word only)": _similarity(embedder, no_subject, sources),
-        "HiFi, plain (Eq. 7)": _similarity(embedder, plain_all, sources),
-        "HiFi + reference guidance (Algorithm 2)": _similarity(embedder, guided_all, sources),
     }
+    if exact is not None:
+        similarity["no tuning, told the exact description"] = _similarity(embedder, exact, sources)
+    similarity["HiFi, plain (Eq. 7)"] = _similarity(embedder, plain_all, sources)
+    similarity["HiFi + reference guidance (Algorithm 2)"] = _similarity(embedder, guided_all, sources)
     metrics: dict[str, Any] = {
         "embedder": embedder.name,
         "backend": backend.name,
@@ -158,17 +176,28 @@ def run_demo(
         lines += ["", "Random weights: these numbers show the pipeline runs, not that the method works."]
     table = "\n".join(lines) + "\n"
 
-    blank = tensor_to_image(torch.ones(size, size))
-    rows = [
-        [tensor_to_image(x) for x in sources],
-        [tensor_to_image(m) for m in source_masks.cpu()],
-        [tensor_to_image(x) for x in plain_all],
-        [tensor_to_image(x) for x in guided_all],
-        [tensor_to_image(m) for m in generated_masks],
+    def cells(images: Tensor) -> list[Any]:
+        return [tensor_to_image(x) for x in images.cpu()]
+
+    def figure(row: str) -> str:
+        return f"{embedder.name} {similarity[row]:.3f}"
+
+    grid_rows = [
+        (f"the photos\nreal vs real\n{figure('real images (real vs real, no self-pairs)')}", cells(sources)),
+        ("their masks", cells(source_masks)),
+        (f"no tuning:\nthe class word\n{figure('no tuning (class word only)')}", cells(no_subject)),
     ]
-    cols = max(len(r) for r in rows)
-    padded = [cell for r in rows for cell in r + [blank] * (cols - len(r))]
-    grid = make_grid(padded, cols=cols, cell=max(64, size))
+    if exact is not None:
+        grid_rows.append((f"no tuning: told the\nexact description\n{figure('no tuning, told the exact description')}",
+                          cells(exact)))
+    grid_rows += [
+        (f"HiFi, plain (Eq. 7)\n{figure('HiFi, plain (Eq. 7)')}", cells(plain_all)),
+        (f"HiFi + reference\nguidance (Alg. 2)\n{figure('HiFi + reference guidance (Algorithm 2)')}",
+         cells(guided_all)),
+        ("masks found in the\nguided images", [tensor_to_image(m) for m in generated_masks]),
+    ]
+    cell = size * max(1, 192 // size) if size < 192 else size
+    grid = make_labelled_grid(grid_rows, cell=cell, label_width=200)
     save_image(grid, out / "grid.png")
     write_json(out / "metrics.json", metrics)
     with atomic_path(out / "metrics.md") as tmp:

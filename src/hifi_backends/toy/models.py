@@ -7,8 +7,9 @@ the UNet attends to its text tower. The metric ToyCLIP pairs that text tower
 (``CLIPTextModelWithProjection``) with a small CNN image tower (:class:`ClipImageTower`),
 because CLIP's ViT tower did not learn object shapes on this machine's budget (see
 :func:`hifi_backends.toy.training.towers.stage_clip_metric`).
-The identity embedder (DINO's role) and the segmenter (Grounded SAM's role) are small
-convolutional networks defined here, saved as safetensors plus a JSON config.
+The identity embedder (DINO's role), the segmenter (Grounded SAM's role) and the detail
+classifier (the check's judge of patterns and marks) are small convolutional networks
+defined here, saved as safetensors plus a JSON config.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from hifi_backends.tokenizer import build_clip_tokenizer
 
 __all__ = [
     "CONTEXT",
+    "DETAIL_HEADS",
     "ClipImageTower",
+    "DetailNet",
     "IdentityNet",
     "MaskNet",
     "build_clip",
+    "crop_to_object",
     "build_tokenizer",
     "unet_config",
     "vae_config",
@@ -182,3 +186,69 @@ class ClipImageTower(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.projection(self.body(images))
+
+
+DETAIL_HEADS = ("pattern", "colour2", "mark", "mark_colour")
+"""The detail classifier's heads: a look's pattern and its colour, its mark and the mark's colour."""
+
+
+def crop_to_object(images: Tensor, masks: Tensor, size: int = SIZE, margin: Tensor | float = 0.15,
+                   shift: Tensor | None = None) -> Tensor:
+    """Each image's object: the square around its mask's bounding box, ``margin`` of its side wider each way
+    (per image, or one value), moved by ``shift`` (``[B, 2]`` fractions of the side, or none), resized to
+    ``size``. Images ``[B, 3, H, W]``, masks ``[B, H, W]``; an empty mask keeps the whole image.
+
+    A 64-pixel ToyWorld object is about 30 pixels across: cropped, its pattern and mark are twice as
+    large for the detail classifier.
+    """
+    import torch.nn.functional as F
+
+    b, _, h, w = images.shape
+    margins = torch.as_tensor(margin, dtype=torch.float32).expand(b)
+    crops = []
+    for i in range(b):
+        ys, xs = torch.nonzero(masks[i], as_tuple=True)
+        if len(ys) == 0:
+            crops.append(F.interpolate(images[i : i + 1], size=(size, size), mode="bilinear", align_corners=False,
+                                       antialias=True))
+            continue
+        cy, cx = (ys.min() + ys.max() + 1).float() / 2, (xs.min() + xs.max() + 1).float() / 2
+        side = float(max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)) * (1 + 2 * float(margins[i]))
+        if shift is not None:
+            cy, cx = cy + float(shift[i, 0]) * side, cx + float(shift[i, 1]) * side
+        # An affine grid over [cx - side/2, cx + side/2] (zeros outside the image: padding).
+        theta = torch.tensor([[side / w, 0.0, 2 * float(cx) / w - 1], [0.0, side / h, 2 * float(cy) / h - 1]],
+                             dtype=images.dtype, device=images.device)
+        grid = F.affine_grid(theta[None], [1, 3, size, size], align_corners=False)
+        crops.append(F.grid_sample(images[i : i + 1], grid, mode="bilinear", padding_mode="border",
+                                   align_corners=False))
+    return torch.cat(crops)
+
+
+class DetailNet(nn.Module):
+    """What a picture's object is made of: logits of its pattern, the pattern's colour, its mark and the mark's colour.
+
+    Input ``[B, 3, 64, 64]`` in [0, 1], the object's crop (:func:`crop_to_object`); output a dict of
+    ``[B, classes]`` logits per head of
+    :data:`DETAIL_HEADS` (:data:`~hifi.toyworld.world.PATTERNS`, :data:`~hifi.toyworld.world.COLOURS`,
+    :data:`~hifi.toyworld.world.MARKS`, the colours again). The body is :class:`IdentityNet`'s
+    convolutions with one stride fewer (a 16x16 map: a stripe or a cross is a few pixels).
+    """
+
+    def __init__(self, width: int = 24) -> None:
+        from hifi.toyworld.world import COLOURS, MARKS, PATTERNS
+
+        super().__init__()
+        self.config = {"width": width}
+        w = width
+        self.features = nn.Sequential(
+            _conv(3, w), _conv(w, w, 2), _conv(w, 2 * w), _conv(2 * w, 2 * w, 2),
+            _conv(2 * w, 4 * w), _conv(4 * w, 4 * w),
+        )
+        sizes = {"pattern": len(PATTERNS), "colour2": len(COLOURS), "mark": len(MARKS), "mark_colour": len(COLOURS)}
+        self.heads = nn.ModuleDict({k: nn.Linear(8 * w, n) for k, n in sizes.items()})
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        f = self.features(images * 2.0 - 1.0)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        return {k: head(pooled) for k, head in self.heads.items()}

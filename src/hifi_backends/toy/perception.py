@@ -5,6 +5,9 @@
 - ``toyclip`` (:class:`ToyClipEmbedder`): ToyCLIP's image and text towers, CLIP's role in
   the CLIP-I and CLIP-T metrics, and the zero-shot classifier that checks prompt following.
 - ``toy-seg`` (:class:`ToySegmenter`): the object's mask, Grounded SAM's role in Algorithm 2.
+- :class:`ToyDetailClassifier`: the object's pattern and mark and their colours, the model
+  check's judge of whether a generation shows the details it was told (not a metric of the
+  method's tables).
 
 All load from the bundle (or a folder made by :mod:`hifi_backends.toy.train`) with
 safetensors, and run on ``[B, 3, H, W]`` images in [-1, 1] at any size (resized to 64).
@@ -26,12 +29,14 @@ from hifi.errors import ModelNotFoundError
 from hifi.perception.models import BundledModel
 from hifi_backends.perception.loading import with_slots
 from hifi_backends.toy.backend import BUNDLE, bundle_path
-from hifi_backends.toy.models import ClipImageTower, IdentityNet, MaskNet
+from hifi_backends.toy.models import ClipImageTower, DetailNet, IdentityNet, MaskNet
 
 __all__ = [
     "ToyClipEmbedder",
+    "ToyDetailClassifier",
     "ToyIdentityEmbedder",
     "ToySegmenter",
+    "build_toy_detail",
     "build_toy_identity",
     "build_toy_segmenter",
     "build_toyclip",
@@ -81,6 +86,31 @@ class ToySegmenter:
             logits = F.interpolate(logits[:, None], size=images.shape[-2:], mode="bilinear",
                                    align_corners=False)[:, 0]
         return (logits > 0).to(images.device)
+
+
+@attrs.frozen(eq=False)
+class ToyDetailClassifier:
+    """``read(images)``: each image's pattern, pattern colour, mark and mark colour, by name.
+
+    The object is found by the toy segmenter and cropped (:func:`~hifi_backends.toy.models.crop_to_object`)
+    before the classifier reads it.
+    """
+
+    net: Any
+    segmenter: ToySegmenter
+    name: str = "toy-detail"
+
+    def read(self, images: Tensor) -> dict[str, list[str]]:
+        from hifi.toyworld.world import COLOURS, MARKS, PATTERNS
+        from hifi_backends.toy.models import crop_to_object
+
+        device = next(self.net.parameters()).device
+        unit = _to_unit(images).to(device)
+        masks = self.segmenter.segment(unit * 2.0 - 1.0, "object").to(device)
+        with torch.no_grad():
+            logits = self.net(crop_to_object(unit, masks))
+        names = {"pattern": PATTERNS, "colour2": tuple(COLOURS), "mark": MARKS, "mark_colour": tuple(COLOURS)}
+        return {k: [names[k][i] for i in v.argmax(dim=1).tolist()] for k, v in logits.items()}
 
 
 @attrs.frozen(eq=False)
@@ -149,6 +179,18 @@ def build_toy_segmenter(*, model: str | None = None, device: str | None = None, 
     """Registry entry ``toy-seg`` (segmenter): Grounded SAM's role in ToyWorld."""
     return ToySegmenter(_load_small(MaskNet, bundle_path(_toy_folder(model, backend)) / "segmenter",
                                     device or "cpu"))
+
+
+def build_toy_detail(*, model: str | None = None, device: str | None = None) -> ToyDetailClassifier:
+    """The detail classifier of the bundle (or ``model``, a ToyWorld folder)."""
+    folder = bundle_path(model) / "detail"
+    if not (folder / "model.safetensors").exists():
+        raise ModelNotFoundError(
+            f"{folder} is missing (a ToyWorld folder from before the detail classifier): train it into the work"
+            " folder with `python -m hifi_backends.toy.train --work WORK --stages render,detail` and copy"
+            f" WORK/detail to {folder}")
+    return ToyDetailClassifier(_load_small(DetailNet, folder, device or "cpu"),
+                               build_toy_segmenter(model=model, device=device))
 
 
 def _toy_folder(model: str | None, backend: Any) -> str | None:

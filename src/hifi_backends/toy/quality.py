@@ -11,10 +11,23 @@ VAE (encode, decode), the ceiling the latent space allows the UNet.
 :func:`colour_following` asks whether the prompted main colour comes out, without ToyCLIP:
 images for ``"a <colour> <class> <scene phrase>"``, the object found by the segmenter, and
 the palette colour nearest the median of its pixels; beside it the same on renders.
+
+:func:`detail_following` asks whether the prompted pattern and mark come out, each in its
+colour: images for full captions (``"a red mug with white stripes and a blue cross on the
+beach"``), read by the detail classifier (a small CNN trained on blurred renders, stage
+``detail``); beside it the same classifier on renders and on their VAE round trips.
+
+:func:`reference_rows` measures, per evaluation subject, what the model shows of a subject
+without the method: its photos against each other, their VAE round trips (the latent's
+ceiling), untuned images told the subject's exact description, and the class word alone,
+with the identity metric and ToyCLIP; these are the reference rows beside the method's in
+the check and in Tables 1/2.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -25,10 +38,27 @@ from torch import Tensor
 from hifi.algorithms.generate import generate
 from hifi.algorithms.subject import Subject
 from hifi.protocols.denoiser import DenoiserBackend
-from hifi.toyworld.world import CLASSES, COLOURS, SCENES, Look, ToyObject, render, sample_object
+from hifi.toyworld.world import CLASSES, COLOURS, SCENES, Look, ToyObject, caption, render, sample_object
 from hifi_backends.toy.perception import ToyClipEmbedder
 
-__all__ = ["ColourReport", "FollowingReport", "classify", "colour_following", "nearest_colour", "prompt_following"]
+__all__ = [
+    "REFERENCE_ROWS",
+    "ColourReport",
+    "DetailReport",
+    "FollowingReport",
+    "ReferenceReport",
+    "bootstrap",
+    "classify",
+    "colour_following",
+    "detail_following",
+    "detail_hits",
+    "detail_objects",
+    "nearest_colour",
+    "prompt_following",
+    "reference_rows",
+    "round_trip",
+    "wilson",
+]
 
 
 class _Report:
@@ -84,10 +114,7 @@ def prompt_following(backend: DenoiserBackend, clip: ToyClipEmbedder, samples: i
         for i, o in enumerate(objects)
     ])
     r_scenes, r_classes = classify(clip, renders, classes, scenes)
-    with torch.no_grad():
-        latents = backend.encode_images(renders.to(backend.device, backend.dtype))
-        round_trip = backend.decode_latents(latents).float().clamp(-1.0, 1.0).cpu()
-    v_scenes, v_classes = classify(clip, round_trip, classes, scenes)
+    v_scenes, v_classes = classify(clip, round_trip(backend, renders), classes, scenes)
     rows = tuple({"prompt": f"a {c} {SCENES[s]}", "scene": s, "class": c, "found_scene": fs, "found_class": fc}
                  for c, s, fs, fc in zip(classes, scenes, got_scenes, got_classes, strict=True))
 
@@ -152,3 +179,206 @@ def colour_following(backend: DenoiserBackend, segmenter: Any, samples: int = 40
                  for p, t, f, r in zip(prompts, truth, found, found_r, strict=True))
     return ColourReport(samples, float(np.mean([f == t for f, t in zip(found, truth, strict=True)])),
                         float(np.mean([r == t for r, t in zip(found_r, truth, strict=True)])), rows)
+
+
+# -- details: patterns and marks ----------------------------------------------------------------
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion ``hits / n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def detail_hits(found: dict[str, list[str]], looks: Sequence[Look]) -> dict[str, list[bool]]:
+    """Per image: ``pattern`` (the look's pattern in its colour), ``mark`` (the mark in its colour), and the
+    kinds alone (``pattern_kind``, ``mark_kind``), from a :class:`~hifi_backends.toy.perception.ToyDetailClassifier`'s
+    ``read``."""
+    hits: dict[str, list[bool]] = {"pattern": [], "mark": [], "pattern_kind": [], "mark_kind": []}
+    for i, look in enumerate(looks):
+        pattern_kind = found["pattern"][i] == look.pattern
+        mark_kind = found["mark"][i] == look.mark
+        hits["pattern_kind"].append(pattern_kind)
+        hits["mark_kind"].append(mark_kind)
+        hits["pattern"].append(pattern_kind and (look.pattern == "plain" or found["colour2"][i] == look.colour2))
+        hits["mark"].append(mark_kind and (look.mark == "none" or found["mark_colour"][i] == look.mark_colour))
+    return hits
+
+
+def _rates(hits: dict[str, list[bool]]) -> dict[str, dict[str, Any]]:
+    return {k: {"rate": float(np.mean(v)), "ci95": list(wilson(int(sum(v)), len(v))), "n": len(v)}
+            for k, v in hits.items()}
+
+
+@attrs.frozen
+class DetailReport(_Report):
+    """Pattern and mark following: generated images, the renders of the same objects (the judge's
+    own ceiling) and those renders through the VAE (the latent space's ceiling)."""
+
+    samples: int
+    generated: dict[str, dict[str, Any]]
+    renders: dict[str, dict[str, Any]]
+    vae: dict[str, dict[str, Any]]
+    rows: tuple[dict[str, Any], ...]
+
+
+def round_trip(backend: DenoiserBackend, images: Tensor) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] encoded and decoded by the backend's VAE (on the CPU, float32)."""
+    with torch.no_grad():
+        latents = backend.encode_images(images.to(backend.device, backend.dtype))
+        return backend.decode_latents(latents).float().clamp(-1.0, 1.0).cpu()
+
+
+def _render_tensor(obj: ToyObject, seed: int) -> Tensor:
+    return torch.from_numpy(render(obj, seed=seed)[0]).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def detail_objects(samples: int, seed: int) -> list[ToyObject]:
+    """The detail check's objects: training-sampler looks with both a pattern and a mark (seeded)."""
+    rng = np.random.default_rng(seed)
+    objects: list[ToyObject] = []
+    while len(objects) < samples:
+        obj = sample_object(rng)
+        if obj.look.pattern != "plain" and obj.look.mark != "none":
+            objects.append(obj)
+    return objects
+
+
+def detail_following(backend: DenoiserBackend, detail: Any, samples: int = 40, *, seed: int = 2,
+                     num_steps: int = 25, guidance: float = 7.5, batch: int = 8) -> DetailReport:
+    """Generate ``samples`` images for the full captions of random patterned, marked looks; read their details.
+
+    The caption names everything (``"a red mug with white stripes and a blue cross on the
+    beach"``); ``detail`` (the toy detail classifier) reads the pattern, the mark and their
+    colours from the generation, from a render of the same object and from that render's VAE
+    round trip. No ToyCLIP and nothing tuned: this is the model's own ceiling for the method.
+    """
+    objects = detail_objects(samples, seed)
+    prompts = [caption(o) for o in objects]
+    seeds = [seed * 100_000 + i for i in range(samples)]
+    generated = []
+    for start in range(0, samples, batch):  # one prompt a seed: the batch is a list of single images
+        for i in range(start, min(start + batch, samples)):
+            generated.append(generate(backend, Subject.plain(objects[i].look.cls), prompts[i], [seeds[i]],
+                                      guidance=guidance, num_steps=num_steps).images.cpu())
+    images = torch.cat(generated)
+    renders = torch.stack([_render_tensor(o, s) for o, s in zip(objects, seeds, strict=True)])
+    looks = [o.look for o in objects]
+    found = detail.read(images)
+    hits = detail_hits(found, looks)
+    rows = tuple({"prompt": p, "found": {k: found[k][i] for k in found}, "pattern": hits["pattern"][i],
+                  "mark": hits["mark"][i]} for i, p in enumerate(prompts))
+    return DetailReport(samples, _rates(hits), _rates(detail_hits(detail.read(renders), looks)),
+                        _rates(detail_hits(detail.read(round_trip(backend, renders)), looks)), rows)
+
+
+# -- the reference rows: what the model can show without the method ------------------------------
+
+
+REFERENCE_ROWS = {
+    "real": "real vs real (no self-pairs)",
+    "vae": "VAE round trip of the photos vs the other photos (the latent's ceiling)",
+    "exact": "no tuning, told the subject's exact description",
+    "class": "no tuning, the class word alone",
+    "others": "other subjects' photos (floor)",
+}
+"""The reference rows (key -> what it is), measured by :func:`reference_rows`."""
+
+
+@attrs.frozen
+class ReferenceReport(_Report):
+    """Per reference row and metric: per-subject means and their mean with a 95% bootstrap interval;
+    ``detail``: pattern and mark following of the photos, their round trips and the exact-description
+    generations, per subject and overall."""
+
+    rows: dict[str, dict[str, dict[str, Any]]]
+    detail: dict[str, dict[str, Any]]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+def bootstrap(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% bootstrap interval of ``values``."""
+    rng = np.random.default_rng(seed)
+    vals = np.asarray(values, dtype=np.float64)
+    means = np.sort(vals[rng.integers(0, len(vals), (resamples, len(vals)))].mean(axis=1))
+    return float(vals.mean()), float(means[int(0.025 * resamples)]), float(means[int(0.975 * resamples) - 1])
+
+
+def _summary(per_subject: dict[str, float]) -> dict[str, Any]:
+    mean, lo, hi = bootstrap(list(per_subject.values()))
+    return {"mean": mean, "ci95": [lo, hi], "cells": len(per_subject), "per_subject": per_subject}
+
+
+def reference_rows(backend: DenoiserBackend, scorers: Any, *, subjects: Sequence[str] | None = None,
+                   templates: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1), num_steps: int = 20,
+                   guidance: float = 7.5, detail: Any = None) -> ReferenceReport:
+    """The rows of :data:`REFERENCE_ROWS` for ToyWorld subjects, with ``scorers`` (a
+    :class:`~hifi.workflows.evaluation.Scorers`: identity as ``dino``, ToyCLIP as ``clip``).
+
+    Each subject's 5 photos are the reference of every row. The exact-description and class-word
+    rows generate one image per (template, seed) with no tuning: ``templates`` (default the
+    first 6 of :data:`~hifi.toyworld.subjects.PROMPTS`) with the description
+    (:func:`~hifi.toyworld.subjects.exact_prompt`) or the class word in place of the subject;
+    ToyCLIP-T scores them against the class-word prompt, as the tables' rows. With ``detail``,
+    also pattern and mark following of photos, round trips and exact-description images.
+    """
+    from hifi.toyworld.subjects import PROMPTS, SUBJECTS, exact_prompt, subject_photos
+
+    names = list(subjects or SUBJECTS)
+    templates = list(templates or PROMPTS[:6])
+    photos = {n: torch.stack([torch.from_numpy(p[0]).permute(2, 0, 1).float() / 127.5 - 1 for p in subject_photos(n)])
+              for n in names}
+    feats = {n: scorers.image_features(x) for n, x in photos.items()}
+    values: dict[str, dict[str, dict[str, float]]] = {r: {"dino": {}, "clip_i": {}, "clip_t": {}}
+                                                      for r in REFERENCE_ROWS}
+    detail_hits_by: dict[str, dict[str, dict[str, list[bool]]]] = {"photos": {}, "vae": {}, "exact": {}}
+
+    def mean_cos(a: Tensor, b: Tensor, exclude_self: bool = False) -> float:
+        sims = a @ b.T
+        if exclude_self:
+            return float(sims[~torch.eye(len(sims), dtype=torch.bool)].mean())
+        return float(sims.mean())
+
+    for name in names:
+        look = SUBJECTS[name]
+        trip = round_trip(backend, photos[name])
+        trip_feats = scorers.image_features(trip)
+        plain_texts = [t.format("", look.cls).replace("  ", " ") for t in templates]
+        generated: dict[str, list[Tensor]] = {"exact": [], "class": []}
+        for t, plain_text in zip(templates, plain_texts, strict=True):
+            for row, prompt in (("exact", exact_prompt(t, look)), ("class", plain_text)):
+                generated[row].append(generate(backend, Subject.plain(look.cls), prompt, list(seeds),
+                                               guidance=guidance, num_steps=num_steps).images.cpu())
+        text_feats = scorers.text_features(plain_texts)
+        for metric, key in (("dino", "dino"), ("clip_i", "clip")):
+            own = feats[name][key]
+            values["real"][metric][name] = mean_cos(own, own, exclude_self=True)
+            values["vae"][metric][name] = mean_cos(trip_feats[key], own, exclude_self=True)
+            values["others"][metric][name] = float(np.mean([mean_cos(own, feats[o][key]) for o in names if o != name]))
+        for row in ("exact", "class"):
+            images = torch.cat(generated[row])
+            f = scorers.image_features(images)
+            values[row]["dino"][name] = mean_cos(f["dino"], feats[name]["dino"])
+            values[row]["clip_i"][name] = mean_cos(f["clip"], feats[name]["clip"])
+            per_text = text_feats.repeat_interleave(len(seeds), dim=0)
+            values[row]["clip_t"][name] = float((f["clip"] * per_text).sum(dim=1).mean())
+        if detail is not None:
+            exact_images = torch.cat(generated["exact"])
+            for key, images in (("photos", photos[name]), ("vae", trip), ("exact", exact_images)):
+                detail_hits_by[key][name] = detail_hits(detail.read(images), [look] * len(images))
+    rows = {r: {m: _summary(v) for m, v in metrics.items() if v} for r, metrics in values.items()}
+    detail_out: dict[str, dict[str, Any]] = {}
+    for key, by_subject in detail_hits_by.items():
+        if not by_subject:
+            continue
+        detail_out[key] = {}
+        for measure in ("pattern", "mark"):
+            per_subject = {n: float(np.mean(h[measure])) for n, h in by_subject.items()}
+            pooled = [x for h in by_subject.values() for x in h[measure]]
+            detail_out[key][measure] = {**_summary(per_subject), "hits": int(sum(pooled)), "n": len(pooled)}
+    return ReferenceReport(rows, detail_out, tuple(templates), tuple(seeds))

@@ -3,7 +3,8 @@
 The command line of :mod:`hifi_backends.toy.training` (whose docstring says what each stage
 trains): the whole recipe (``--preset``, ``--settings``), only some stages in a work folder
 (``--stages``, also how :func:`~hifi_backends.toy.training.pipeline.train_all` runs its worker
-processes), or a bundle's UNet trained on (``--finetune``).
+processes), a bundle's UNet trained on (``--finetune``), or a small model trained after the bundle put
+into it (``--install``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from hifi_backends.toy.training.pipeline import STAGES, finetune, run_stage, train_all
+from hifi_backends.toy.training.pipeline import STAGES, finetune, install, run_stage, train_all
 from hifi_backends.toy.training.settings import TrainSettings, _device, settings_over
 
 __all__ = ["main"]
@@ -63,7 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune", default=None, metavar="BUNDLE",
                    help="go on training the UNet of this ToyWorld bundle (its other models copied); the new"
                         " bundle goes to --out")
+    p.add_argument("--install", default=None, metavar="STAGE",
+                   help="put a finished small-model stage of WORK (e.g. detail) into the bundle --out (default:"
+                        " the package's), recorded in its training.json")
     args = p.parse_args(argv)
+    if args.install:
+        from hifi_backends.toy.backend import BUNDLE
+
+        try:
+            install(args.work, args.out or BUNDLE, args.install)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.install} installed in {args.out or BUNDLE}")
+        return 0
     try:
         s = _settings(args)
         _device(s)

@@ -12,7 +12,9 @@ long ones checkpoint every few hundred steps):
 3. ``clip``: ToyCLIP, contrastive on (image, caption) with phrases dropped at random. Its
    text tower is what the UNet attends to.
 4. ``identity``: the identity embedder, InfoNCE over the two renders of each look.
-5. ``segmenter``: the mask network, BCE + Dice on the exact masks. Then ``clip_metric``:
+5. ``segmenter``: the mask network, BCE + Dice on the exact masks; ``detail``: the detail
+   classifier (pattern, mark and their colours; the check's judge), cross-entropy on blurred
+   renders. Then ``clip_metric``:
    the metric ToyCLIP (ToyCLIP-I, ToyCLIP-T, the prompt-following check), the ``clip``
    stage's text tower with a CNN image tower warm-started from the identity embedder, with
    a swapped-word term beside InfoNCE (see :func:`~hifi_backends.toy.training.towers._train_text_image_towers` for why).
@@ -23,7 +25,8 @@ long ones checkpoint every few hundred steps):
    conditioned on ToyCLIP's text tower (frozen; ``unet_text`` says which), captions dropped 10% of the time for
    classifier-free guidance; an exponential moving average of the weights is what ships.
    Optionally Min-SNR-gamma weighting over timesteps (``unet_snr_gamma``) and extra weight
-   on the latent cells the object covers (``unet_object_weight``).
+   on the latent cells the object covers (``unet_object_weight``) and those its pattern and
+   mark cover (``unet_detail_weight``).
 8. ``bundle``: everything in fp16 safetensors in a diffusers folder plus ``training.json``.
 
 Stages 2 and 3-5 (with their second phases) run side by side in two processes of one thread each (small models use

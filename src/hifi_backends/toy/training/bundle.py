@@ -55,7 +55,8 @@ def stage_bundle(work: Path, out: Path, s: TrainSettings, report: dict[str, Any]
     CLIPTokenizer.from_pretrained(work / "tokenizer").save_pretrained(tmp / "tokenizer")
     scheduler = load_config("sd14", "scheduler")
     write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-    for name, dest in (("identity", "identity"), ("segmenter", "segmenter"), ("toyclip_metric/image", "toyclip/image")):
+    for name, dest in (("identity", "identity"), ("segmenter", "segmenter"), ("detail", "detail"),
+                       ("toyclip_metric/image", "toyclip/image")):
         from safetensors.torch import load_file, save_file
 
         (tmp / dest).mkdir()

@@ -79,6 +79,9 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     # The object covers a few of the 64 latent cells; unet_object_weight adds weight there
     # (its fraction of each cell, from the exact masks), as vae_detail does in pixels.
     cell_cover = F.avg_pool2d(pool.masks[:, None].float(), 8) if s.unet_object_weight > 0 else None
+    # unet_detail_weight: more weight again where the pattern and the mark are (their fraction of
+    # each cell, from the renderer's geometry): the details a mean prediction blurs away first.
+    detail_cover = _detail_cover(pool).to(dev) if s.unet_detail_weight > 0 else None
 
     torch.manual_seed(s.seed + 5)
     config = unet_config(cross_attention_dim=text_encoder.config.hidden_size, width=s.unet_width, layers=s.unet_layers)
@@ -119,8 +122,12 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         x_t = add_noise(x0, noise, (alphas[t].sqrt(), (1 - alphas[t]).sqrt()))
         err = (unet(x_t, t, encoder_hidden_states=cond).sample - noise).pow(2)
-        if cell_cover is not None:
-            w = 1.0 + s.unet_object_weight * cell_cover[index]
+        if cell_cover is not None or detail_cover is not None:
+            w = torch.ones_like(err[:, :1])
+            if cell_cover is not None:
+                w = w + s.unet_object_weight * cell_cover[index]
+            if detail_cover is not None:
+                w = w + s.unet_detail_weight * detail_cover[index]
             err = err * (w / w.mean(dim=(2, 3), keepdim=True))
         loss = (err.mean(dim=(1, 2, 3)) * t_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
@@ -135,6 +142,14 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     stats = _loop("unet", work, plan, step, {"model": unet, "ema": ema, "opt": opt}, every=250)
     _save_model_dir(ema.cpu(), work / "unet")
     return {**stats, "init": s.unet_init}
+
+
+def _detail_cover(pool: Pool) -> Tensor:
+    """``[N, 1, 8, 8]``: the fraction of each latent cell the pool images' pattern and mark cover."""
+    from hifi.toyworld.world import detail_coverage
+
+    pixels = np.stack([detail_coverage(o) for o in tqdm(pool.objects, desc="detail masks")])
+    return F.avg_pool2d(torch.from_numpy(pixels)[:, None], 8)
 
 
 class WordTokens:

@@ -27,18 +27,19 @@ from hifi_backends.toy.training.towers import (
     stage_clip,
     stage_clip_metric,
     stage_clip_unet,
+    stage_detail,
     stage_identity,
     stage_segmenter,
 )
 
-STAGES = ("render", "vae", "vae_detail", "clip", "identity", "segmenter", "clip_metric", "clip_unet", "latents",
-          "unet")
+STAGES = ("render", "vae", "vae_detail", "clip", "identity", "segmenter", "detail", "clip_metric", "clip_unet",
+          "latents", "unet")
 _DONE = {"render": "pool.json", "vae": "vae", "vae_detail": "vae_final", "clip": "toyclip", "identity": "identity",
-         "segmenter": "segmenter", "clip_metric": "toyclip_metric", "clip_unet": "toyclip_unet",
+         "segmenter": "segmenter", "detail": "detail", "clip_metric": "toyclip_metric", "clip_unet": "toyclip_unet",
          "latents": "latents.pt", "unet": "unet"}
 _FUNCS: dict[str, Callable[[Path, TrainSettings], Any]] = {
     "vae": stage_vae, "vae_detail": stage_vae_detail, "clip": stage_clip, "identity": stage_identity,
-    "segmenter": stage_segmenter,
+    "segmenter": stage_segmenter, "detail": stage_detail,
     "clip_metric": stage_clip_metric, "clip_unet": stage_clip_unet,
     "latents": stage_latents, "unet": stage_unet,
 }
@@ -79,7 +80,8 @@ def train_all(out: str | Path, work: str | Path, settings: TrainSettings | None 
     # The clip_unet stage only when the UNet attends to its tower.
     stages = [n for n in STAGES if n != "clip_unet" or s.unet_text == "unet"]
     if parallel:
-        second: list[str] = [n for n in ("clip", "identity", "segmenter", "clip_metric", "clip_unet") if n in stages]
+        small = ("clip", "identity", "segmenter", "detail", "clip_metric", "clip_unet")
+        second: list[str] = [n for n in small if n in stages]
         procs = [_subprocess_stages(["vae", "vae_detail"], work, s, 1), _subprocess_stages(second, work, s, 1)]
         codes = [p.wait() for p in procs]
         if any(codes):
@@ -148,6 +150,45 @@ def finetune(init: str | Path, out: str | Path, work: str | Path, settings: Trai
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return report
+
+
+SMALL_MODELS = {"identity": "identity", "segmenter": "segmenter", "detail": "detail"}
+"""Small-model stages whose output a bundle holds as a folder of the same name (:func:`install`)."""
+
+
+def install(work: str | Path, bundle: str | Path, name: str) -> dict[str, Any]:
+    """Put the finished small-model stage ``name`` of ``work`` into ``bundle`` (fp16), recorded in its
+    ``training.json`` under ``"installed"`` with the stage's statistics and the machine it ran on.
+
+    So a model trained after the bundle (the ``detail`` classifier) joins it without retraining the
+    rest; a from-scratch run (:func:`train_all`) bundles every stage itself.
+    """
+    from safetensors.torch import load_file, save_file
+
+    work, bundle = Path(work), Path(bundle)
+    if name not in SMALL_MODELS:
+        raise ValueError(f"--install takes one of {', '.join(SMALL_MODELS)}, not {name!r}")
+    source, stats_file = work / name, work / f"{name}.json"
+    if not (source / "model.safetensors").exists() or not stats_file.exists():
+        raise ValueError(f"{work} holds no finished {name} stage: run --stages {name} there first")
+    record_file = bundle / "training.json"
+    if not record_file.exists():
+        raise ValueError(f"{bundle} is not a ToyWorld bundle (no training.json)")
+    dest = bundle / SMALL_MODELS[name]
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.half() for k, v in load_file(str(source / "model.safetensors")).items()},
+              str(tmp / "model.safetensors"))
+    shutil.copy(source / "config.json", tmp / "config.json")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    record = json.loads(record_file.read_text())
+    entry = {"stage": json.loads(stats_file.read_text()), "machine": _machine("cpu"), "torch": torch.__version__,
+             "work": str(work)}
+    record.setdefault("installed", {})[name] = entry
+    write_json(record_file, record)
+    return entry
 
 
 def _machine(device: str = "cpu") -> str:

@@ -31,6 +31,8 @@ class TrainSettings:
     identity_batch: int = 32
     segmenter_steps: int = 1_500
     segmenter_batch: int = 16
+    detail_steps: int = 2_000
+    detail_batch: int = 64
     unet_steps: int = 5_000
     unet_batch: int = 32
     caption_drop: float = 0.25  # each phrase (colour, pattern, mark, scene) left out this often
@@ -43,6 +45,7 @@ class TrainSettings:
     clip_unet_colour_swap: float = 2.0  # the clip_unet stage's colour-swapped-word weight
     unet_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain epsilon MSE
     unet_object_weight: float = 0.0  # extra loss weight on the latent cells the object covers (0: none)
+    unet_detail_weight: float = 0.0  # extra loss weight on the cells its pattern and mark cover (0: none)
     vae_width: tuple[int, ...] = attrs.field(default=(16, 32, 64, 64), converter=_ints)  # the VAE's 4 levels
     unet_width: tuple[int, ...] = attrs.field(default=(64, 128), converter=_ints)  # the UNet's levels
     unet_layers: int = 1  # ResNet + attention layers per UNet level
@@ -65,7 +68,8 @@ class TrainSettings:
         """Tiny step counts: the whole script in a minute (tests)."""
         return cls(looks=64, vae_steps=3, vae_batch=4, vae_detail_steps=3, clip_steps=3, clip_batch=8,
                    clip_metric_steps=3, identity_steps=3,
-                   identity_batch=4, segmenter_steps=3, segmenter_batch=4, unet_steps=4, unet_batch=4)
+                   identity_batch=4, segmenter_steps=3, segmenter_batch=4, detail_steps=3, detail_batch=4,
+                   unet_steps=4, unet_batch=4)
 
     @classmethod
     def gpu(cls) -> TrainSettings:
