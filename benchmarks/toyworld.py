@@ -21,7 +21,6 @@ Both are resumable (the evaluation's files are reused) and write atomically.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ from hifi.perception.registry import load_embedder
 from hifi.registry import load_backend
 from hifi.toyworld.subjects import SUBJECTS, export_dataset
 from hifi.workflows.evaluation import METHODS, EvalSettings, Scorers, evaluate, load_dreambooth
+from hifi_backends.toy.quality import bootstrap
 
 TABLE1 = ("real", "no-tuning", "ti", "hifi", "dreambooth", "dreambooth-ref")
 TABLE2 = ("ti", "ti-mask", "hifi-reg", "hifi-stepwise", "hifi", "dreambooth", "dreambooth-ref", "dreambooth-lora")
@@ -66,11 +66,6 @@ class TableSettings:
     phi_steps: int = 3
 
 
-def _interval(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    rng = random.Random(seed)
-    vals = list(values)
-    means = sorted(statistics.fmean(rng.choices(vals, k=len(vals))) for _ in range(resamples))
-    return statistics.fmean(vals), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def _cells(rows: Sequence[dict[str, Any]], metric: str) -> list[float]:
@@ -153,7 +148,7 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
         for metric in METRICS:
             cells = _cells(collected, metric)
             if cells:
-                mean, lo, hi = _interval(cells)
+                mean, lo, hi = bootstrap(cells)
                 results[row][metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(cells)}
     results["other-subjects"] = _other_subjects(dataset_dir, settings.subjects, scorers,
                                                 size=64 if dataset is None else 256)
@@ -227,7 +222,7 @@ def _other_subjects(dataset_dir: Path, subjects: Sequence[str], scorers: Scorers
                 sims = [float((feats[s][key] @ feats[o][key].T).mean()) for o in others]
                 cells.append(statistics.fmean(sims))
         if cells:
-            mean, lo, hi = _interval(cells)
+            mean, lo, hi = bootstrap(cells)
             out[metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(cells)}
     return out
 

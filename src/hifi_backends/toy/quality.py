@@ -14,8 +14,9 @@ the palette colour nearest the median of its pixels; beside it the same on rende
 
 :func:`detail_following` asks whether the prompted pattern and mark come out, each in its
 colour: images for full captions (``"a red mug with white stripes and a blue cross on the
-beach"``), read by the detail classifier (a small CNN trained on blurred renders, stage
-``detail``); beside it the same classifier on renders and on their VAE round trips.
+beach"``), read by the detail classifier (the object cropped by the toy segmenter's mask, a
+small CNN trained on crops of blurred renders, stage ``detail``); beside it the same
+classifier on renders and on their VAE round trips.
 
 :func:`reference_rows` measures, per evaluation subject, what the model shows of a subject
 without the method: its photos against each other, their VAE round trips (the latent's
@@ -109,10 +110,7 @@ def prompt_following(backend: DenoiserBackend, clip: ToyClipEmbedder, samples: i
                                num_steps=num_steps).images.cpu())
     generated = torch.cat(images)
     got_scenes, got_classes = classify(clip, generated, classes, scenes)
-    renders = torch.stack([
-        torch.from_numpy(render(o, seed=seed * 100_000 + i)[0]).permute(2, 0, 1).float() / 127.5 - 1.0
-        for i, o in enumerate(objects)
-    ])
+    renders = torch.stack([_render_tensor(o, seed * 100_000 + i) for i, o in enumerate(objects)])
     r_scenes, r_classes = classify(clip, renders, classes, scenes)
     v_scenes, v_classes = classify(clip, round_trip(backend, renders), classes, scenes)
     rows = tuple({"prompt": f"a {c} {SCENES[s]}", "scene": s, "class": c, "found_scene": fs, "found_class": fc}
@@ -170,7 +168,7 @@ def colour_following(backend: DenoiserBackend, segmenter: Any, samples: int = 40
     for i, (o, prompt) in enumerate(zip(objects, prompts, strict=True)):
         generated.append(generate(backend, Subject.plain(o.look.cls), prompt, [seed * 100_000 + i],
                                   guidance=guidance, num_steps=num_steps).images.cpu())
-        renders.append(torch.from_numpy(render(o, seed=seed * 100_000 + i)[0]).permute(2, 0, 1).float() / 127.5 - 1)
+        renders.append(_render_tensor(o, seed * 100_000 + i))
     images, rendered = torch.cat(generated), torch.stack(renders)
     found = nearest_colour(images, segmenter.segment(images, "object"))
     found_r = nearest_colour(rendered, segmenter.segment(rendered, "object"))
@@ -249,7 +247,7 @@ def detail_objects(samples: int, seed: int) -> list[ToyObject]:
 
 
 def detail_following(backend: DenoiserBackend, detail: Any, samples: int = 40, *, seed: int = 2,
-                     num_steps: int = 25, guidance: float = 7.5, batch: int = 8) -> DetailReport:
+                     num_steps: int = 25, guidance: float = 7.5) -> DetailReport:
     """Generate ``samples`` images for the full captions of random patterned, marked looks; read their details.
 
     The caption names everything (``"a red mug with white stripes and a blue cross on the
@@ -260,12 +258,9 @@ def detail_following(backend: DenoiserBackend, detail: Any, samples: int = 40, *
     objects = detail_objects(samples, seed)
     prompts = [caption(o) for o in objects]
     seeds = [seed * 100_000 + i for i in range(samples)]
-    generated = []
-    for start in range(0, samples, batch):  # one prompt a seed: the batch is a list of single images
-        for i in range(start, min(start + batch, samples)):
-            generated.append(generate(backend, Subject.plain(objects[i].look.cls), prompts[i], [seeds[i]],
-                                      guidance=guidance, num_steps=num_steps).images.cpu())
-    images = torch.cat(generated)
+    images = torch.cat([generate(backend, Subject.plain(o.look.cls), p, [s], guidance=guidance,
+                                 num_steps=num_steps).images.cpu()
+                        for o, p, s in zip(objects, prompts, seeds, strict=True)])
     renders = torch.stack([_render_tensor(o, s) for o, s in zip(objects, seeds, strict=True)])
     looks = [o.look for o in objects]
     found = detail.read(images)
@@ -302,11 +297,15 @@ class ReferenceReport(_Report):
 
 
 def bootstrap(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% bootstrap interval of ``values``."""
-    rng = np.random.default_rng(seed)
-    vals = np.asarray(values, dtype=np.float64)
-    means = np.sort(vals[rng.integers(0, len(vals), (resamples, len(vals)))].mean(axis=1))
-    return float(vals.mean()), float(means[int(0.025 * resamples)]), float(means[int(0.975 * resamples) - 1])
+    """Mean and 95% bootstrap interval of ``values`` (the percentile interval of ``resamples`` resampled means;
+    the tables' intervals, ``benchmarks.toyworld``, are these)."""
+    import random
+    import statistics
+
+    rng = random.Random(seed)
+    vals = list(values)
+    means = sorted(statistics.fmean(rng.choices(vals, k=len(vals))) for _ in range(resamples))
+    return statistics.fmean(vals), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def _summary(per_subject: dict[str, float]) -> dict[str, Any]:
