@@ -3,13 +3,15 @@
     python -m benchmarks.toyworld_gpu --carried DIR --work /tmp/tw --out OUT
 
 ``DIR`` holds the small models of a CPU run's work folder (``tokenizer``, ``toyclip_metric``,
-``toyclip_unet``, ``identity``, ``segmenter``, ``detail`` and their ``<stage>.json``): they take minutes
-on the CPU and are not what limits the generated class. This script then runs, on the GPU,
+``toyclip_unet``, ``identity``, ``segmenter``, ``detail`` and their ``<stage>.json``), or is a bundle
+to take them from (:func:`carry_bundle`): they take minutes on the CPU and are not what limits the
+generated class. This script then runs, on the GPU,
 what does: the pool (re-rendered from the seed, ``looks`` of :meth:`TrainSettings.gpu`), the
 VAE stages, the latents, and then the UNet of each variant side by side in two processes
 (one GPU, launch-bound small models, so they share it well). Each variant becomes a bundle
-(``bundle-<variant>.tar.gz`` in ``OUT``) and is checked at once on the GPU (60 generations,
-ToyCLIP class and scene, the VAE's round-trip ceiling; ``checks.json``). Before all that,
+(``bundle-<variant>.tar.gz`` in ``OUT``) and is checked at once on the GPU (``benchmarks.toyworld
+check`` in ``check-<variant>/``: prompt, colour, pattern and mark following and the reference rows;
+summed up in ``checks.json``). Before all that,
 a smoke run of the same stages at quick sizes on the device, so a device bug costs seconds.
 
 The step counts are fitted to wall-clock budgets (``vae_seconds``, ``unet_seconds``); what
@@ -51,7 +53,38 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is a ToyWorld bundle (a diffusers pipeline folder) rather than a work folder."""
+    return (folder / "model_index.json").exists() and (folder / "text_encoder").is_dir()
+
+
+def carry_bundle(bundle: Path, work: Path) -> None:
+    """The small models of a bundle, laid out as a work folder's (what :data:`SMALL` names), so that a
+    new world is trained beside the bundle's tokenizer, text towers, identity embedder, segmenter and
+    detail classifier without their CPU stages: ``toyclip_metric`` is the bundle's ``toyclip``;
+    ``toyclip_unet/text`` holds the bundle's UNet text tower (``text_encoder``) inside a
+    ``CLIPTextModelWithProjection`` whose projection, which the UNet stage never reads, is fresh;
+    each stage's ``.json`` says where it came from."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    work.mkdir(parents=True, exist_ok=True)
+    for src, dest in (("tokenizer", "tokenizer"), ("toyclip", "toyclip_metric"), ("identity", "identity"),
+                      ("segmenter", "segmenter"), ("detail", "detail")):
+        if not (bundle / src).is_dir():
+            raise FileNotFoundError(f"{bundle / src} is missing: {bundle} is not a complete ToyWorld bundle")
+        shutil.copytree(bundle / src, work / dest, dirs_exist_ok=True)
+    text = CLIPTextModel.from_pretrained(bundle / "text_encoder", torch_dtype=torch.float32)
+    tower = CLIPTextModelWithProjection(text.config)
+    tower.text_model.load_state_dict(text.state_dict())  # CLIPTextModel is the text transformer itself
+    _save_model_dir(tower, work / "toyclip_unet" / "text")
+    for name in SMALL_STATS:
+        write_json(work / f"{name}.json", {"carried_from": str(bundle)})
+
+
 def _copy_small(carried: Path, work: Path) -> None:
+    if is_bundle(carried):
+        carry_bundle(carried, work)
+        return
     work.mkdir(parents=True, exist_ok=True)
     for name in SMALL:
         if not (carried / name).is_dir():
@@ -93,8 +126,8 @@ def _report(work: Path, s: TrainSettings, stages: list[str], *, vae_carried: boo
         "torch": torch.__version__,
         "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "note": f"GPU recipe (TrainSettings.gpu(), benchmarks/toyworld_gpu.py): {ran} ran on {s.device!r}; the"
-                f" models ({carried}) were carried from an earlier run of the same seed. The step counts"
-                " each stage ran are in its 'steps' (fitted to vae_seconds / unet_seconds).",
+                f" models ({carried}) were carried from an earlier run or a bundle (their stages' records say"
+                " which). The step counts each stage ran are in its 'steps' (fitted to vae_seconds / unet_seconds).",
     }
 
 
@@ -112,18 +145,33 @@ def _pack(folder: Path, archive: Path) -> None:
         archive.with_name(f"{archive.name}.{k // PART:02d}").write_bytes(data[k:k + PART])
 
 
-def _check(bundle: Path, device: str, samples: int) -> dict[str, Any]:
+def _check(bundle: Path, device: str, samples: int, out: Path | None = None) -> dict[str, Any]:
+    """The model check of a bundle. With ``out``: ``benchmarks.toyworld check`` in full (prompt, colour and
+    detail following, the reference rows: what a world is chosen by), written to ``out`` and summed up;
+    without: prompt following alone (the smoke run's look that the bundle generates)."""
     from hifi_backends.toy.backend import build_toy_backend
     from hifi_backends.toy.perception import load_toyclip
     from hifi_backends.toy.quality import prompt_following
 
     began = time.time()
-    backend = build_toy_backend(model=str(bundle), device=device)
-    report = prompt_following(backend, load_toyclip(str(bundle)), samples=samples, num_steps=25)
-    out = report.as_dict()
-    out.pop("rows", None)
-    out["seconds"] = round(time.time() - began, 1)
-    return out
+    if out is None:
+        backend = build_toy_backend(model=str(bundle), device=device)
+        report = prompt_following(backend, load_toyclip(str(bundle)), samples=samples, num_steps=25)
+        summary = report.as_dict()
+        summary.pop("rows", None)
+    else:
+        from benchmarks.toyworld import run_check
+
+        result = run_check(out, model=str(bundle), samples=samples, device=device)
+        rows, details = result["reference"]["rows"], result["detail_following"]
+        summary = {"class": result["prompt_following"]["class_accuracy"],
+                   "scene": result["prompt_following"]["scene_accuracy"],
+                   "colour": result["colour_following"]["colour_accuracy"],
+                   **{f"{k} ({where})": details[where][k]["rate"] for where in ("generated", "vae")
+                      for k in ("pattern", "mark")},
+                   **{f"identity ({row})": rows[row]["dino"]["mean"] for row in ("exact", "vae", "class")}}
+    summary["seconds"] = round(time.time() - began, 1)
+    return summary
 
 
 def train_variants(carried: Path, work: Path, out: Path, settings: TrainSettings,
@@ -163,7 +211,7 @@ def train_variants(carried: Path, work: Path, out: Path, settings: TrainSettings
             _pack(bundle, out / f"bundle-{v}.tar.gz")
             entry["unet"] = json.loads((vwork / "unet.json").read_text())
             try:
-                entry["check"] = _check(bundle, settings.device, samples)
+                entry["check"] = _check(bundle, settings.device, samples, out / f"check-{v}")
             except Exception:  # keep the bundles whatever the check does
                 entry["check_error"] = traceback.format_exc()
         results["variants"][v] = entry
@@ -194,7 +242,9 @@ def smoke(carried: Path, work: Path, settings: TrainSettings, variants: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.toyworld_gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--carried", required=True, help="the small models of a CPU run (see the module docstring)")
+    p.add_argument("--carried", required=True,
+                   help="the small models of a CPU run, or a bundle (e.g. src/hifi_backends/toy/bundle) to take them"
+                        " from (see the module docstring)")
     p.add_argument("--work", default="/tmp/toyworld-gpu")
     p.add_argument("--out", required=True, help="bundles (tar.gz), checks.json and the UNet logs")
     p.add_argument("--device", default="cuda")
@@ -220,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae and not (Path(args.vae) / "config.json").exists():
         print(f"error: --vae {args.vae} is not a diffusers AutoencoderKL folder (no config.json)", file=sys.stderr)
         return 2
-    missing = [n for n in SMALL if not (Path(args.carried) / n).is_dir()]
+    missing = [] if is_bundle(Path(args.carried)) else [n for n in SMALL if not (Path(args.carried) / n).is_dir()]
     if missing:
         print(f"error: --carried {args.carried} lacks {', '.join(missing)} (see this module's docstring)",
               file=sys.stderr)

@@ -39,15 +39,12 @@ RESULTS = Path(__file__).parent / "results" / "toyworld-model"
 
 
 def variant_config(name: str) -> dict[str, Any]:
-    """``f8c4``: the bundle's architecture at the CPU recipe's width; ``f4``: one level fewer (16x16 latents)."""
+    """``fFcC``: the `vae` stage's architecture at the CPU recipe's width, factor F (8: four levels, the
+    bundle's; 4: its first three, 16x16 latents), C latent channels."""
     factor, channels = int(name[1 : name.index("c")]), int(name[name.index("c") + 1 :])
-    config = {**vae_config(), "latent_channels": channels}
-    if factor == 4:
-        config.update(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                      up_block_types=("UpDecoderBlock2D",) * 3)
-    elif factor != 8:
+    if factor not in (4, 8):
         raise ValueError(f"variant {name!r}: factor 4 or 8")
-    return config
+    return vae_config((16, 32, 64, 64)[: 3 if factor == 4 else 4], channels)
 
 
 def detail_renders(samples: int = 60, seed: int = 2) -> tuple[torch.Tensor, list[Any]]:

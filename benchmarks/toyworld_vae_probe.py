@@ -67,7 +67,7 @@ def probe(work: Path, channels: int, steps: int, batch: int = 16, seed: int = 0,
     pool = Pool(work)
     torch.manual_seed(seed + 1)
     if init is None:
-        vae = AutoencoderKL(**(config or {**vae_config(), "latent_channels": channels}))
+        vae = AutoencoderKL(**(config or vae_config(latent_channels=channels)))
     else:
         vae = init.train()
     lr = 1e-3 if init is None else 5e-4

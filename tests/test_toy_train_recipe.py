@@ -79,8 +79,17 @@ def test_settings_round_trip_through_json_and_widths_are_checked():
     again = TrainSettings(**json.loads(json.dumps(attrs.asdict(gpu))))
     assert again == gpu and again.vae_width == (32, 64, 96, 96) and again.unet_width == (128, 128)
     assert unet_config(width=(128, 128))["down_block_types"] == ("CrossAttnDownBlock2D",) * 2
+    assert vae_config((16, 32, 64), 16)["down_block_types"] == ("DownEncoderBlock2D",) * 3
+    assert unet_config(latent_side=16, latent_channels=16)["in_channels"] == 16
     with pytest.raises(ValueError, match="vae width"):
-        vae_config((16, 32, 64))
+        vae_config((16, 32))
+    with pytest.raises(ValueError, match="halved"):
+        unet_config(width=(64, 64, 64), latent_side=6)
+    # Refused when the settings are made, not when the VAE stage starts after the pool's renders.
+    with pytest.raises(ValueError, match="vae width"):
+        TrainSettings(vae_width=(16, 32))
+    with pytest.raises(ValueError, match="latent_channels"):
+        TrainSettings(latent_channels=0)
     with pytest.raises(ValueError, match="unet width"):
         unet_config(width=(80, 160))
 
@@ -218,3 +227,27 @@ def test_finetune_goes_on_from_a_bundle_and_replaces_only_its_unet(tmp_path, cap
     assert "unet_width" in capsys.readouterr().err and not (tmp_path / "o4").exists()
     assert main(["--quick", "--settings", '{"unet_stepz": 3}', "--work", str(tmp_path / "w5")]) == 2
     assert "unet_stepz" in capsys.readouterr().err
+
+
+def test_gpu_orchestrator_takes_the_small_models_from_a_bundle_and_smokes_a_16x16_world(tmp_path, capsys):
+    """`--carried src/hifi_backends/toy/bundle`: the bundle's small models in a work folder's layout (the
+    UNet's own tower inside toyclip_unet), then the smoke run of a three-level VAE's world on the CPU."""
+    from benchmarks import toyworld_gpu
+    from safetensors.torch import load_file
+
+    from hifi_backends.toy.backend import BUNDLE
+
+    work = tmp_path / "carried"
+    toyworld_gpu.carry_bundle(BUNDLE, work)
+    assert all((work / name).is_dir() for name in toyworld_gpu.SMALL)
+    own = load_file(str(work / "toyclip_unet" / "text" / "model.safetensors"))
+    bundled = load_file(str(BUNDLE / "text_encoder" / "model.safetensors"))
+    assert bundled and all(torch.equal(own[f"text_model.{k}"], v.float()) for k, v in bundled.items())
+    settings = attrs.evolve(TrainSettings.gpu(), device="cpu", vae_width=(32, 64, 96))
+    toyworld_gpu.smoke(BUNDLE, tmp_path / "smoke", settings, {"u128": toyworld_gpu.VARIANTS["u128"]})
+    assert "smoke u128: ok" in capsys.readouterr().out
+    config = json.loads((tmp_path / "smoke" / "bundle-u128" / "unet" / "config.json").read_text())
+    assert config["sample_size"] == 16 and config["block_out_channels"] == [128, 128]
+    folder = tmp_path / "not-a-bundle"
+    folder.mkdir()
+    assert toyworld_gpu.main(["--carried", str(folder), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2

@@ -166,6 +166,27 @@ def test_the_unet_gets_its_own_tower_and_the_weighted_loss(tmp_path):
     assert "clip_unet" not in plain["stages"] and not (tmp_path / "work2" / "toyclip_unet").exists()
 
 
+def test_the_latent_shape_is_a_setting_and_the_bundle_loads_as_any_other(tmp_path):
+    """A three-level VAE (16x16 latents) with 16 channels (SD3's count): the UNet, its cell weights and the
+    loaded backend follow the VAE's shape."""
+    import attrs
+
+    from hifi.algorithms.generate import generate
+    from hifi.algorithms.subject import Subject
+    from hifi.registry import load_backend
+    from hifi_backends.toy.training.pipeline import train_all
+    from hifi_backends.toy.training.settings import TrainSettings
+
+    settings = attrs.evolve(TrainSettings.quick(), vae_width=(16, 32, 64), latent_channels=16,
+                            unet_object_weight=3.0, unet_detail_weight=6.0)
+    report = train_all(tmp_path / "bundle", tmp_path / "work", settings, parallel=False)
+    assert math.isfinite(report["stages"]["unet"]["final_loss"])
+    backend = load_backend("toy", model=str(tmp_path / "bundle"))
+    assert (backend.vae_scale_factor, backend.latent_channels, backend.resolution) == (4, 16, 64)
+    image = generate(backend, Subject.plain("mug"), "a mug on the beach", [0], num_steps=2).images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
 def test_a_small_model_trained_after_the_bundle_is_installed_and_recorded(tmp_path):
     import json
     import shutil

@@ -73,38 +73,46 @@ def build_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
     return CLIPModel(config)
 
 
-def vae_config(width: tuple[int, ...] = (16, 32, 64, 64)) -> dict[str, Any]:
-    """A 4-level AutoencoderKL: 64x64x3 images <-> 8x8x4 latents (Stable Diffusion's factor 8).
+def vae_config(width: tuple[int, ...] = (16, 32, 64, 64), latent_channels: int = 4) -> dict[str, Any]:
+    """An AutoencoderKL for 64x64x3 images: four levels give 8x8 latents (Stable Diffusion's factor 8),
+    three give 16x16 (factor 4).
 
-    ``width``: the channels of the four levels (four numbers, each a multiple of 8).
+    ``width``: the channels of the levels (three or four numbers, each a multiple of 8);
+    ``latent_channels``: 4 as in SD 1.x/2.x and SDXL, 16 as in SD3.
     """
-    if len(width) != 4 or any(w % 8 for w in width):
-        raise ValueError(f"vae width must be four multiples of 8, got {width}")
+    if len(width) not in (3, 4) or any(w % 8 for w in width):
+        raise ValueError(f"vae width must be three or four multiples of 8, got {width}")
+    if latent_channels < 1:
+        raise ValueError(f"latent_channels must be at least 1, got {latent_channels}")
     return dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=tuple(width),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * len(width),
+        up_block_types=("UpDecoderBlock2D",) * len(width),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=SIZE,
     )
 
 
-def unet_config(cross_attention_dim: int = 64, width: tuple[int, ...] = (64, 128), layers: int = 1) -> dict[str, Any]:
-    """A conditional UNet on 8x8x4 latents, cross-attending to the text tower.
+def unet_config(cross_attention_dim: int = 64, width: tuple[int, ...] = (64, 128), layers: int = 1,
+                latent_side: int = SIZE // 8, latent_channels: int = 4) -> dict[str, Any]:
+    """A conditional UNet on ``latent_side`` x ``latent_side`` x ``latent_channels`` latents (8x8x4 by
+    default), cross-attending to the text tower.
 
     ``width``: the channels of each level (two by default: 8x8 and 4x4; multiples of 32);
     ``layers``: ResNet + attention layers per level.
     """
     if not 1 <= len(width) <= 3 or any(w % 32 for w in width) or layers < 1:
         raise ValueError(f"unet width must be 1 to 3 multiples of 32 and layers >= 1, got {width}, {layers}")
+    if latent_side % 2 ** (len(width) - 1):
+        raise ValueError(f"a {latent_side}x{latent_side} latent cannot be halved {len(width) - 1} times")
     return dict(
-        sample_size=SIZE // 8,
-        in_channels=4,
-        out_channels=4,
+        sample_size=latent_side,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         layers_per_block=layers,
         block_out_channels=tuple(width),
         down_block_types=("CrossAttnDownBlock2D",) * len(width),

@@ -23,7 +23,7 @@ def stage_vae(work: Path, s: TrainSettings) -> dict[str, Any]:
     dev = _device(s)
     pool = Pool(work, dev)
     torch.manual_seed(s.seed + 1)
-    vae = AutoencoderKL(**vae_config(s.vae_width)).to(dev)
+    vae = AutoencoderKL(**vae_config(s.vae_width, s.latent_channels)).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(s.seed + 1)
     plan = Plan(s.vae_steps, s.vae_seconds, probe=(10, 90))

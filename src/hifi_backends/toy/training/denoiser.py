@@ -76,15 +76,19 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     # dominating the gradient. Off (all ones) when unet_snr_gamma is 0.
     snr = alphas / (1 - alphas)
     t_weight = snr.clamp(max=s.unet_snr_gamma) / snr if s.unet_snr_gamma > 0 else torch.ones_like(snr)
-    # The object covers a few of the 64 latent cells; unet_object_weight adds weight there
+    # The latent's shape is the VAE's (8x8x4 for the bundle's; 16x16 for a three-level VAE).
+    channels, side = int(latents.shape[1]), int(latents.shape[-1])
+    factor = pool.masks.shape[-1] // side
+    # The object covers a few of the latent cells; unet_object_weight adds weight there
     # (its fraction of each cell, from the exact masks), as vae_detail does in pixels.
-    cell_cover = F.avg_pool2d(pool.masks[:, None].float(), 8) if s.unet_object_weight > 0 else None
+    cell_cover = F.avg_pool2d(pool.masks[:, None].float(), factor) if s.unet_object_weight > 0 else None
     # unet_detail_weight: more weight again where the pattern and the mark are (their fraction of
     # each cell, from the renderer's geometry): the details a mean prediction blurs away first.
-    detail_cover = _detail_cover(pool).to(dev) if s.unet_detail_weight > 0 else None
+    detail_cover = _detail_cover(pool, factor).to(dev) if s.unet_detail_weight > 0 else None
 
     torch.manual_seed(s.seed + 5)
-    config = unet_config(cross_attention_dim=text_encoder.config.hidden_size, width=s.unet_width, layers=s.unet_layers)
+    config = unet_config(cross_attention_dim=text_encoder.config.hidden_size, width=s.unet_width, layers=s.unet_layers,
+                         latent_side=side, latent_channels=channels)
     unet = UNet2DConditionModel(**config)
     if init is not None:
         start = UNet2DConditionModel.from_pretrained(init / "unet")
@@ -144,12 +148,13 @@ def stage_unet(work: Path, s: TrainSettings) -> dict[str, Any]:
     return {**stats, "init": s.unet_init}
 
 
-def _detail_cover(pool: Pool) -> Tensor:
-    """``[N, 1, 8, 8]``: the fraction of each latent cell the pool images' pattern and mark cover."""
+def _detail_cover(pool: Pool, factor: int = 8) -> Tensor:
+    """``[N, 1, 64 / factor, 64 / factor]``: the fraction of each latent cell the pool images' pattern and
+    mark cover (``factor``: the VAE's, pixels per latent cell along a side)."""
     from hifi.toyworld.world import detail_coverage
 
     pixels = np.stack([detail_coverage(o) for o in tqdm(pool.objects, desc="detail masks")])
-    return F.avg_pool2d(torch.from_numpy(pixels)[:, None], 8)
+    return F.avg_pool2d(torch.from_numpy(pixels)[:, None], factor)
 
 
 class WordTokens:

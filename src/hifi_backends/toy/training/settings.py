@@ -14,6 +14,17 @@ def _ints(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _vae_levels(_: Any, attribute: Any, value: tuple[int, ...]) -> None:
+    from hifi_backends.toy.models import vae_config
+
+    vae_config(value)  # three or four levels (16x16 or 8x8 latents), each a multiple of 8
+
+
+def _positive(_: Any, attribute: Any, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+
+
 @attrs.frozen
 class TrainSettings:
     """Step counts and sizes of every stage (the defaults are the bundled model's)."""
@@ -46,7 +57,9 @@ class TrainSettings:
     unet_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain epsilon MSE
     unet_object_weight: float = 0.0  # extra loss weight on the latent cells the object covers (0: none)
     unet_detail_weight: float = 0.0  # extra loss weight on the cells its pattern and mark cover (0: none)
-    vae_width: tuple[int, ...] = attrs.field(default=(16, 32, 64, 64), converter=_ints)  # the VAE's 4 levels
+    vae_width: tuple[int, ...] = attrs.field(default=(16, 32, 64, 64), converter=_ints, validator=_vae_levels)
+    """The VAE's levels: four give 8x8 latents (factor 8, the bundle's), three give 16x16 (factor 4)."""
+    latent_channels: int = attrs.field(default=4, validator=_positive)  # 4 as in SD 1.x/2.x, 16 as in SD3
     unet_width: tuple[int, ...] = attrs.field(default=(64, 128), converter=_ints)  # the UNet's levels
     unet_layers: int = 1  # ResNet + attention layers per UNet level
     device: str = "cpu"  # where the VAE, latents and UNet stages run ("cuda" on a GPU machine)
@@ -141,6 +154,6 @@ def settings_over(base: TrainSettings, text: str) -> TrainSettings:
         _check_setting(name, value)
     try:
         return attrs.evolve(base, **fields)
-    except ValueError as e:  # a validator (unet_text)
+    except ValueError as e:  # a validator (unet_text, vae_width, latent_channels)
         raise ValueError(f"--settings: {e.args[0]}") from None  # attrs puts the message first
 
