@@ -8,6 +8,7 @@ import json
 import re
 import tarfile
 import time
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -251,3 +252,23 @@ def test_gpu_orchestrator_takes_the_small_models_from_a_bundle_and_smokes_a_16x1
     folder = tmp_path / "not-a-bundle"
     folder.mkdir()
     assert toyworld_gpu.main(["--carried", str(folder), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+
+
+def test_gpu_orchestrator_sums_up_a_full_check(tmp_path, monkeypatch):
+    """The summary in checks.json reads the keys `benchmarks.toyworld check` writes (its committed check.json)."""
+    from benchmarks import toyworld, toyworld_gpu
+
+    result = json.loads((Path(toyworld.__file__).parent / "results" / "toyworld-model" / "check.json").read_text())
+    seen = {}
+
+    def fake_check(out, **kwargs):
+        seen.update(out=out, **kwargs)
+        return result
+
+    monkeypatch.setattr(toyworld, "run_check", fake_check)
+    summary = toyworld_gpu._check(tmp_path / "bundle", "cuda", 60, tmp_path / "check-u128")
+    assert seen["out"] == tmp_path / "check-u128" and seen["device"] == "cuda" and seen["samples"] == 60
+    assert summary["class"] == result["prompt_following"]["class_accuracy"]
+    assert summary["pattern (generated)"] == result["detail_following"]["generated"]["pattern"]["rate"]
+    assert summary["identity (exact)"] == result["reference"]["rows"]["exact"]["dino"]["mean"]
+    assert {"mark (vae)", "identity (vae)", "colour", "scene", "seconds"} <= set(summary)
