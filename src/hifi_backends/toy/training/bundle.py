@@ -11,6 +11,10 @@ import torch
 from hifi.io.images import atomic_path, write_json
 from hifi_backends.toy.training.settings import TrainSettings
 
+SMALL_MODELS = {"identity": "identity", "segmenter": "segmenter", "detail": "detail"}
+"""Small-model stages whose output a bundle holds as a folder of the same name (beside ToyCLIP's image
+tower): what :func:`stage_bundle` writes and :func:`~hifi_backends.toy.training.pipeline.install` takes."""
+
 
 def _save_model_dir(model: Any, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
@@ -29,6 +33,16 @@ def _save_small(net: torch.nn.Module, folder: Path) -> None:
         save_file(state, str(tmp))
     config = dict(cast(dict[str, Any], net.config))
     write_json(folder / "config.json", config)
+
+
+def _save_small_half(source: Path, dest: Path) -> None:
+    """A small model's folder (``model.safetensors``, ``config.json``) written to ``dest`` in float16."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True)
+    save_file({k: v.half() for k, v in load_file(str(source / "model.safetensors")).items()},
+              str(dest / "model.safetensors"))
+    shutil.copy(source / "config.json", dest / "config.json")
 
 
 def stage_bundle(work: Path, out: Path, s: TrainSettings, report: dict[str, Any]) -> None:
@@ -55,14 +69,8 @@ def stage_bundle(work: Path, out: Path, s: TrainSettings, report: dict[str, Any]
     CLIPTokenizer.from_pretrained(work / "tokenizer").save_pretrained(tmp / "tokenizer")
     scheduler = load_config("sd14", "scheduler")
     write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-    for name, dest in (("identity", "identity"), ("segmenter", "segmenter"), ("detail", "detail"),
-                       ("toyclip_metric/image", "toyclip/image")):
-        from safetensors.torch import load_file, save_file
-
-        (tmp / dest).mkdir()
-        state = {k: v.half() for k, v in load_file(str(work / name / "model.safetensors")).items()}
-        save_file(state, str(tmp / dest / "model.safetensors"))
-        shutil.copy(work / name / "config.json", tmp / dest / "config.json")
+    for name, dest in (*SMALL_MODELS.items(), ("toyclip_metric/image", "toyclip/image")):
+        _save_small_half(work / name, tmp / dest)
     write_json(tmp / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],

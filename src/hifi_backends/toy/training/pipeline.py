@@ -19,7 +19,7 @@ import torch
 
 from hifi.io.images import write_json
 from hifi_backends.toy.training.autoencoder import stage_vae, stage_vae_detail
-from hifi_backends.toy.training.bundle import stage_bundle
+from hifi_backends.toy.training.bundle import SMALL_MODELS, _save_small_half, stage_bundle
 from hifi_backends.toy.training.data import stage_render
 from hifi_backends.toy.training.denoiser import stage_latents, stage_unet
 from hifi_backends.toy.training.settings import TrainSettings
@@ -152,10 +152,6 @@ def finetune(init: str | Path, out: str | Path, work: str | Path, settings: Trai
     return report
 
 
-SMALL_MODELS = {"identity": "identity", "segmenter": "segmenter", "detail": "detail"}
-"""Small-model stages whose output a bundle holds as a folder of the same name (:func:`install`)."""
-
-
 def install(work: str | Path, bundle: str | Path, name: str) -> dict[str, Any]:
     """Put the finished small-model stage ``name`` of ``work`` into ``bundle`` (fp16), recorded in its
     ``training.json`` under ``"installed"`` with the stage's statistics and the machine it ran on.
@@ -163,8 +159,6 @@ def install(work: str | Path, bundle: str | Path, name: str) -> dict[str, Any]:
     So a model trained after the bundle (the ``detail`` classifier) joins it without retraining the
     rest; a from-scratch run (:func:`train_all`) bundles every stage itself.
     """
-    from safetensors.torch import load_file, save_file
-
     work, bundle = Path(work), Path(bundle)
     if name not in SMALL_MODELS:
         raise ValueError(f"--install takes one of {', '.join(SMALL_MODELS)}, not {name!r}")
@@ -177,10 +171,7 @@ def install(work: str | Path, bundle: str | Path, name: str) -> dict[str, Any]:
     dest = bundle / SMALL_MODELS[name]
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.half() for k, v in load_file(str(source / "model.safetensors")).items()},
-              str(tmp / "model.safetensors"))
-    shutil.copy(source / "config.json", tmp / "config.json")
+    _save_small_half(source, tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     record = json.loads(record_file.read_text())
