@@ -34,7 +34,7 @@ import torch
 
 from hifi.algorithms.reference import ReferenceSettings
 from hifi.algorithms.tune_loop import DEFAULT_LORA_LR
-from hifi.errors import HifiError
+from hifi.errors import HifiError, ModelNotFoundError
 from hifi.io.images import atomic_path, image_to_tensor, list_images, load_image, write_json
 from hifi.perception.registry import load_embedder
 from hifi.registry import load_backend
@@ -47,16 +47,20 @@ TABLE2 = ("ti", "ti-mask", "hifi-reg", "hifi-stepwise", "hifi", "dreambooth", "d
 ROWS = tuple(dict.fromkeys(TABLE1 + TABLE2))
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_NAMES = {"dino": "identity (DINO's role)", "clip_i": "ToyCLIP-I", "clip_t": "ToyCLIP-T"}
+DETAILS = ("pattern", "mark")
+"""On ToyWorld, each row's images are also read by the detail classifier: the share of a cell's images with the
+subject's pattern in its colour, and with its mark in its colour (:func:`hifi_backends.toy.quality.detail_hits`)."""
+DETAIL_NAMES = {"pattern": "the subject's pattern", "mark": "the subject's mark"}
 
 
 @attrs.frozen
 class TableSettings:
     """The scaled-down protocol, equal for every row."""
 
-    subjects: tuple[str, ...] = tuple(list(SUBJECTS)[:8])
+    subjects: tuple[str, ...] = tuple(SUBJECTS)
     prompts: int = 6
     images_per_prompt: int = 2
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)  # tuning seeds: each (subject, seed) is a cell of the intervals
     steps: int | None = 200  # c_s / TI token / DreamBooth steps (None: each method's own)
     dreambooth_lr: float | None = 5e-5  # SD's 5e-6 barely moves a from-scratch 4M UNet in 200 steps
     stepwise_steps: int = 3  # I of Algorithm 1, per timestep
@@ -68,14 +72,24 @@ class TableSettings:
 
 
 
-def _cells(rows: Sequence[dict[str, Any]], metric: str) -> list[float]:
+def _cells(rows: Sequence[dict[str, Any]], metric: str) -> dict[tuple[str, str], float]:
     """One value per (subject, seed) cell: the mean over that cell's prompts and images."""
     groups: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r.get(metric) in ("", None):
             continue
         groups.setdefault((r["subject"], str(r.get("eval_seed", ""))), []).append(float(r[metric]))
-    return [statistics.fmean(v) for v in groups.values()]
+    return {cell: statistics.fmean(v) for cell, v in groups.items()}
+
+
+def _interval(cells: dict[tuple[str, str], float]) -> dict[str, Any]:
+    """Mean and 95% bootstrap interval over cells, and each subject's mean over its seeds."""
+    mean, lo, hi = bootstrap(list(cells.values()))
+    by_subject: dict[str, list[float]] = {}
+    for (subject, _), value in cells.items():
+        by_subject.setdefault(subject, []).append(value)
+    return {"mean": mean, "ci95": [lo, hi], "cells": len(cells),
+            "per_subject": {n: statistics.fmean(v) for n, v in by_subject.items()}}
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -85,7 +99,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-PAPER = TableSettings(subjects=(), prompts=25, images_per_prompt=4, steps=None, dreambooth_lr=None,
+PAPER = TableSettings(subjects=(), prompts=25, images_per_prompt=4, seeds=(0,), steps=None, dreambooth_lr=None,
                       stepwise_steps=10, ddim_steps=50, t_start=40, t_end=10, phi_steps=10)
 """The paper's protocol (Section 4): all subjects and prompts, 4 images each, each method's own steps."""
 
@@ -127,10 +141,12 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
         return load_backend(backend, **options, **({"device": device} if device else {}))
     reference = ReferenceSettings(num_steps=settings.ddim_steps, t_start=settings.t_start, t_end=settings.t_end,
                                   phi_steps=settings.phi_steps)
+    detail = _detail_reader(model, device) if dataset is None and backend == "toy" else None
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for row in rows:
         collected: list[dict[str, Any]] = []
+        images: dict[tuple[str, int], list[Path]] = {}
         began = time.time()
         for seed in settings.seeds:
             eval_settings = EvalSettings(
@@ -142,18 +158,21 @@ def run_tables(out: str | Path, settings: TableSettings = TableSettings(), *, mo
             )
             folder = work / f"seed{seed}"
             evaluate(loaded, backend_for, scorers, folder, eval_settings, progress=progress)
-            collected += [{**r, "eval_seed": seed} for r in _read_rows(folder / row / "scores.csv")]
-        timings[row] = round(time.time() - began, 1)
+            for r in _read_rows(folder / row / "scores.csv"):
+                collected.append({**r, "eval_seed": seed})
+                images.setdefault((r["subject"], seed), []).append(folder / r["image"])
         results[row] = {}
         for metric in METRICS:
             cells = _cells(collected, metric)
             if cells:
-                mean, lo, hi = bootstrap(cells)
-                results[row][metric] = {"mean": mean, "ci95": [lo, hi], "cells": len(cells)}
+                results[row][metric] = _interval(cells)
+        if detail is not None:
+            results[row].update(_details(images, detail))
+        timings[row] = round(time.time() - began, 1)
     results["other-subjects"] = _other_subjects(dataset_dir, settings.subjects, scorers,
                                                 size=64 if dataset is None else 256)
     if dataset is None and backend == "toy":
-        results.update(_reference(work, settings, backend_for(), scorers))
+        results.update(_reference(work, settings, backend_for(), scorers, detail))
     summary = {
         "settings": attrs.asdict(settings),
         "backend": backend,
@@ -183,9 +202,11 @@ REFERENCE = {"exact": "No tuning, told the subject's exact description (referenc
 """The tables' reference rows on ToyWorld (:func:`hifi_backends.toy.quality.reference_rows`)."""
 
 
-def _reference(work: Path, settings: TableSettings, backend: Any, scorers: Scorers) -> dict[str, Any]:
-    """The reference rows for the tables' subjects, prompts and image seeds (one cell per subject); cached in
-    ``work/reference.json`` for the settings they were measured under."""
+def _reference(work: Path, settings: TableSettings, backend: Any, scorers: Scorers,
+               detail: Any = None) -> dict[str, Any]:
+    """The reference rows for the tables' subjects, prompts and image seeds (one cell per subject), with their
+    pattern and mark following when ``detail`` reads them; cached in ``work/reference.json`` for the settings
+    they were measured under."""
     import json
 
     from hifi.toyworld.subjects import PROMPTS
@@ -193,18 +214,43 @@ def _reference(work: Path, settings: TableSettings, backend: Any, scorers: Score
 
     seeds = [s * 10_000 + k for s in settings.seeds for k in range(settings.images_per_prompt)]
     key = {"subjects": list(settings.subjects), "prompts": settings.prompts, "seeds": seeds,
-           "ddim_steps": settings.ddim_steps}
+           "ddim_steps": settings.ddim_steps, "details": detail is not None}
     cache = work / "reference.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return dict(saved["rows"])
     report = reference_rows(backend, scorers, subjects=settings.subjects, templates=PROMPTS[: settings.prompts],
-                            seeds=seeds, num_steps=settings.ddim_steps)
-    rows = {name: {m: {k: v for k, v in e.items() if k != "per_subject"} for m, e in report.rows[name].items()}
-            for name in REFERENCE}
+                            seeds=seeds, num_steps=settings.ddim_steps, detail=detail)
+    rows = {name: {**report.rows[name], **{m: {k: e[k] for k in ("mean", "ci95", "cells", "per_subject")}
+                                             for m, e in report.detail.get(name, {}).items()}}
+            for name in REFERENCE}  # the detail report's names: "exact" and "vae" (beside "photos")
     write_json(cache, {"key": key, "rows": rows})
     return rows
+
+
+def _detail_reader(model: str | None, device: str | None) -> Any:
+    """The ToyWorld detail classifier, or None for a ToyWorld folder from before it (no detail columns)."""
+    from hifi_backends.toy.perception import build_toy_detail
+
+    try:
+        return build_toy_detail(model=model, device=device)
+    except ModelNotFoundError:
+        return None
+
+
+def _details(images: dict[tuple[str, int], list[Path]], detail: Any) -> dict[str, Any]:
+    """:data:`DETAILS` of one row: per (subject, seed) cell, the share of its images in which ``detail`` reads
+    the subject's pattern and its mark (each in its colour); mean and 95% bootstrap interval over cells."""
+    from hifi_backends.toy.quality import detail_hits
+
+    cells: dict[str, dict[tuple[str, str], float]] = {m: {} for m in DETAILS}
+    for (subject, seed), paths in images.items():
+        batch = torch.stack([image_to_tensor(load_image(p), 64) for p in paths])
+        hits = detail_hits(detail.read(batch), [SUBJECTS[subject]] * len(paths))
+        for m in DETAILS:
+            cells[m][subject, str(seed)] = statistics.fmean(hits[m])
+    return {m: _interval(v) for m, v in cells.items() if v}
 
 
 def _other_subjects(dataset_dir: Path, subjects: Sequence[str], scorers: Scorers, size: int = 64) -> dict[str, Any]:
@@ -227,23 +273,29 @@ def _other_subjects(dataset_dir: Path, subjects: Sequence[str], scorers: Scorers
     return out
 
 
-def _fmt(entry: dict[str, Any] | None) -> str:
+def _fmt(entry: dict[str, Any] | None, share: bool = False) -> str:
     if not entry:
         return "n/a"
+    if share:
+        return f"{entry['mean']:.0%} [{entry['ci95'][0]:.0%}, {entry['ci95'][1]:.0%}]"
     return f"{entry['mean']:.3f} [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
 
 
 def tables_markdown(summary: dict[str, Any]) -> str:
     s = summary["settings"]
     rows = summary["rows"]
-    head = ["| row | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |", "| --- | ---: | ---: | ---: |"]
+    details = [m for m in DETAILS if any(m in r for r in rows.values())]
+    head = ["| row | " + " | ".join([METRIC_NAMES[m] for m in METRICS] + [DETAIL_NAMES[m] for m in details]) + " |",
+            "| --- |" + " ---: |" * (len(METRICS) + len(details))]
+
+    def cells(entry: dict[str, Any]) -> str:
+        return " | ".join([_fmt(entry.get(m)) for m in METRICS] + [_fmt(entry.get(m), share=True) for m in details])
 
     def table(names: Sequence[str]) -> list[str]:
         lines = list(head)
         for name in names:
             label = METHODS[name].description if name in METHODS else REFERENCE.get(name, name)
-            lines.append(f"| {label} (`{name}`) | " + " | ".join(_fmt(rows.get(name, {}).get(m)) for m in METRICS)
-                         + " |")
+            lines.append(f"| {label} (`{name}`) | {cells(rows.get(name, {}))} |")
         return lines
 
     steps = (f"{s['steps']} tuning steps" if s["steps"] else "each method's default tuning steps (c_s and TI 1000,"
@@ -259,13 +311,15 @@ def tables_markdown(summary: dict[str, Any]) -> str:
         f" ({lr}; c_s and TI at 5e-3), step-wise I = {s['stepwise_steps']}"
         f" per timestep, T = {s['ddim_steps']} DDIM steps, guidance 7.5;"
         f" reference guidance t_s = {s['t_start']}, t_e = {s['t_end']}, J = {s['phi_steps']}."
-        " Mean and 95% bootstrap interval over (subject, seed) cells.",
+        " Mean and 95% bootstrap interval over (subject, seed) cells"
+        " (the reference rows: one cell per subject).",
+        *([f"The subject's {' and '.join(details)}: the share of a cell's images in which the toy detail"
+           " classifier (the object cropped by the toy segmenter) reads it, in its colour."] if details else []),
         "",
         "## Table 1",
         "",
         *table(_with_reference(summary["table1"], rows, after="no-tuning")),
-        f"| other subjects' photos (floor) | {_fmt(rows['other-subjects'].get('dino'))} |"
-        f" {_fmt(rows['other-subjects'].get('clip_i'))} | n/a |",
+        f"| other subjects' photos (floor) | {cells(rows['other-subjects'])} |",
         "",
         "## Table 2",
         "",
@@ -292,8 +346,13 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     except ImportError:  # the plot is a convenience; the tables carry the numbers
         return
     names = [n for n in _with_reference(ROWS, summary["rows"], after="no-tuning") if n in summary["rows"]]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, metric in zip(axes, METRICS, strict=True):
+    metrics = [m for m in (*METRICS, *DETAILS) if any(m in summary["rows"][n] for n in names)]
+    rows_of = (len(metrics) + 2) // 3
+    fig, grid = plt.subplots(rows_of, 3, figsize=(14, 4.2 * rows_of), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes, metrics, strict=False):
         ys, los, his, labels = [], [], [], []
         for n in names:
             e = summary["rows"][n].get(metric)
@@ -304,7 +363,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
                 labels.append(n)
         ax.errorbar(range(len(ys)), ys, yerr=[los, his], fmt="o", capsize=4)
         ax.set_xticks(range(len(ys)), labels, rotation=45, ha="right")
-        ax.set_title(METRIC_NAMES[metric])
+        ax.set_title(METRIC_NAMES.get(metric) or f"{DETAIL_NAMES[metric]} (share of images)")
         ax.grid(alpha=0.3)
     fig.suptitle("ToyWorld: each row's mean and 95% interval over (subject, seed) cells")
     fig.tight_layout()
@@ -469,13 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--work", default=None, help="runs, images and scores (default OUT/work; resumable, shareable)")
     t.add_argument("--paper", action="store_true",
                    help="the paper's protocol: every subject and prompt, 4 images, each method's own steps, T=50")
-    t.add_argument("--subjects", default=None, help="comma-separated (default: 8 ToyWorld subjects, or all)")
+    t.add_argument("--subjects", default=None,
+                   help="comma-separated (default: every ToyWorld subject, or every subject of --dataset)")
     t.add_argument("--rows", default=",".join(ROWS))
     for flag, kind in (("--prompts", int), ("--images-per-prompt", int), ("--steps", int),
                        ("--dreambooth-lr", float), ("--stepwise-steps", int), ("--ddim-steps", int),
                        ("--t-start", int), ("--t-end", int), ("--phi-steps", int)):
         t.add_argument(flag, type=kind, default=None, help="(default: the scaled-down ToyWorld protocol)")
-    t.add_argument("--seeds", default=None, help="comma-separated tuning seeds (default 0)")
+    t.add_argument("--seeds", default=None, help="comma-separated tuning seeds (default 0,1; 0 with --paper)")
     t.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.command == "check":

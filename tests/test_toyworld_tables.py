@@ -10,9 +10,9 @@ from benchmarks import toyworld
 
 def test_tables_command_writes_every_row_with_finite_values(tmp_path, capsys):
     out = tmp_path / "tables"
-    argv = ["tables", "--out", str(out), "--subjects", "striped_mug", "--prompts", "1", "--images-per-prompt",
-            "1", "--steps", "2", "--stepwise-steps", "1", "--ddim-steps", "4", "--t-start", "3", "--t-end", "1",
-            "--phi-steps", "1", "--quiet"]
+    argv = ["tables", "--out", str(out), "--subjects", "striped_mug", "--seeds", "0", "--prompts", "1",
+            "--images-per-prompt", "1", "--steps", "2", "--stepwise-steps", "1", "--ddim-steps", "4", "--t-start",
+            "3", "--t-end", "1", "--phi-steps", "1", "--quiet"]
     assert toyworld.main(argv) == 0
     assert "## Table 1" in capsys.readouterr().out
     summary = json.loads((out / "tables.json").read_text())
@@ -22,7 +22,15 @@ def test_tables_command_writes_every_row_with_finite_values(tmp_path, capsys):
         for m in metrics:
             entry = summary["rows"][name][m]
             assert math.isfinite(entry["mean"]) and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+    # Every row's images, and the reference rows', read by the detail classifier: shares of images.
+    for name in (*toyworld.ROWS, *toyworld.REFERENCE):
+        for m in toyworld.DETAILS:
+            entry = summary["rows"][name][m]
+            assert 0.0 <= entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1] <= 1.0, (name, m, entry)
+    # The real row is the subject's photos, whose pattern the classifier reads (all 50 photos right).
+    assert summary["rows"]["real"]["pattern"]["mean"] == 1.0, summary["rows"]["real"]
     table = (out / "tables.md").read_text()
+    assert table.count("| ToyCLIP-T | the subject's pattern | the subject's mark |") == 2, table
     assert all(f"(`{name}`)" in table for name in (*toyworld.ROWS, *toyworld.REFERENCE))
     # The reference rows stand beside "real" and "no tuning" in Table 1, and open Table 2.
     table1, table2 = table.split("## Table 2")
