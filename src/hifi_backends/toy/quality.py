@@ -359,16 +359,15 @@ def reference_rows(backend: DenoiserBackend, scorers: Any, *, subjects: Sequence
             values["real"][metric][name] = mean_cos(own, own, exclude_self=True)
             values["vae"][metric][name] = mean_cos(trip_feats[key], own, exclude_self=True)
             values["others"][metric][name] = float(np.mean([mean_cos(own, feats[o][key]) for o in names if o != name]))
-        for row in ("exact", "class"):
-            images = torch.cat(generated[row])
+        drawn = {row: torch.cat(batches) for row, batches in generated.items()}
+        per_text = text_feats.repeat_interleave(len(seeds), dim=0)
+        for row, images in drawn.items():
             f = scorers.image_features(images)
             values[row]["dino"][name] = mean_cos(f["dino"], feats[name]["dino"])
             values[row]["clip_i"][name] = mean_cos(f["clip"], feats[name]["clip"])
-            per_text = text_feats.repeat_interleave(len(seeds), dim=0)
             values[row]["clip_t"][name] = float((f["clip"] * per_text).sum(dim=1).mean())
         if detail is not None:
-            exact_images = torch.cat(generated["exact"])
-            for key, images in (("photos", photos[name]), ("vae", trip), ("exact", exact_images)):
+            for key, images in (("photos", photos[name]), ("vae", trip), ("exact", drawn["exact"])):
                 detail_hits_by[key][name] = detail_hits(detail.read(images), [look] * len(images))
     rows = {r: {m: _summary(v) for m, v in metrics.items() if v} for r, metrics in values.items()}
     detail_out: dict[str, dict[str, Any]] = {}
