@@ -13,8 +13,10 @@ subjects' photos)?
 ``tables``: every row of Table 1 and Table 2 through ``hifi eval``'s library API on the
 ToyWorld subjects, with the world's identity metric (DINO's role), ToyCLIP-I and ToyCLIP-T,
 mean and 95% bootstrap interval over (subject, seed) cells, beside the reference rows (the
-exact description, untuned, and the VAE round trip: one cell per subject); a plot; and each
-row's grid for two subjects. Step counts are scaled down for this world and equal across rows.
+exact description, untuned, and the VAE round trip: one cell per subject); on ToyWorld also
+each row's pattern and mark following (the share of images in which the detail classifier
+reads the subject's own pattern and mark, each in its colour); a plot; and each row's grid
+for two subjects. Step counts are scaled down for this world and equal across rows.
 Both are resumable (the evaluation's files are reused) and write atomically.
 """
 
@@ -312,7 +314,7 @@ def tables_markdown(summary: dict[str, Any]) -> str:
         f" per timestep, T = {s['ddim_steps']} DDIM steps, guidance 7.5;"
         f" reference guidance t_s = {s['t_start']}, t_e = {s['t_end']}, J = {s['phi_steps']}."
         " Mean and 95% bootstrap interval over (subject, seed) cells"
-        " (the reference rows: one cell per subject).",
+        + (" (the reference rows: one cell per subject)." if any(r in rows for r in REFERENCE) else "."),
         *([f"The subject's {' and '.join(details)}: the share of a cell's images in which the toy detail"
            " classifier (the object cropped by the toy segmenter) reads it, in its colour."] if details else []),
         "",
