@@ -29,6 +29,7 @@ import sys
 import tarfile
 import time
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import attrs
 import torch
 
 from hifi.io.images import write_json
-from hifi_backends.toy.training.bundle import _save_model_dir, stage_bundle
+from hifi_backends.toy.training.bundle import SMALL_MODELS, _save_model_dir, stage_bundle
 from hifi_backends.toy.training.pipeline import run_stage
 from hifi_backends.toy.training.settings import TrainSettings, _device, settings_over
 
@@ -46,6 +47,9 @@ SMALL_STATS = ("clip", "clip_metric", "clip_unet", "identity", "segmenter", "det
 SHARED = ("pool.npz", "pool.json", "render.json", "latents.pt", "latents.json", "vae_final", "vae.json",
           "vae_detail.json", *SMALL, *(f"{n}.json" for n in SMALL_STATS))
 """What the UNet variants' work folders link to in the main one."""
+FROM_BUNDLE = {"tokenizer": "tokenizer", "toyclip": "toyclip_metric", **{f: n for n, f in SMALL_MODELS.items()}}
+"""A bundle's small-model folders and the work folders :func:`carry_bundle` makes of them (and ``toyclip_unet``
+from its ``text_encoder``)."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "u64": {"unet_width": (64, 128)},  # the CPU bundle's UNet shape
@@ -67,11 +71,9 @@ def carry_bundle(bundle: Path, work: Path) -> None:
     each stage's ``.json`` says where it came from."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    _require(bundle, FROM_BUNDLE)
     work.mkdir(parents=True, exist_ok=True)
-    for src, dest in (("tokenizer", "tokenizer"), ("toyclip", "toyclip_metric"), ("identity", "identity"),
-                      ("segmenter", "segmenter"), ("detail", "detail")):
-        if not (bundle / src).is_dir():
-            raise FileNotFoundError(f"{bundle / src} is missing: {bundle} is not a complete ToyWorld bundle")
+    for src, dest in FROM_BUNDLE.items():
         shutil.copytree(bundle / src, work / dest, dirs_exist_ok=True)
     text = CLIPTextModel.from_pretrained(bundle / "text_encoder", torch_dtype=torch.float32)
     tower = CLIPTextModelWithProjection(text.config)
@@ -81,14 +83,28 @@ def carry_bundle(bundle: Path, work: Path) -> None:
         write_json(work / f"{name}.json", {"carried_from": str(bundle)})
 
 
+def missing_small(carried: Path) -> list[str]:
+    """The folders a bundle or a CPU run's work folder lacks of what :func:`_copy_small` takes."""
+    return _lacking(carried, FROM_BUNDLE if is_bundle(carried) else SMALL)
+
+
+def _lacking(folder: Path, names: Iterable[str]) -> list[str]:
+    return [n for n in names if not (folder / n).is_dir()]
+
+
+def _require(folder: Path, names: Iterable[str]) -> None:
+    missing = _lacking(folder, names)
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} (see this module's docstring)")
+
+
 def _copy_small(carried: Path, work: Path) -> None:
     if is_bundle(carried):
         carry_bundle(carried, work)
         return
+    _require(carried, SMALL)
     work.mkdir(parents=True, exist_ok=True)
     for name in SMALL:
-        if not (carried / name).is_dir():
-            raise FileNotFoundError(f"{carried / name} is missing (see this module's docstring)")
         shutil.copytree(carried / name, work / name, dirs_exist_ok=True)
     for name in SMALL_STATS:
         if (carried / f"{name}.json").exists():
@@ -270,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae and not (Path(args.vae) / "config.json").exists():
         print(f"error: --vae {args.vae} is not a diffusers AutoencoderKL folder (no config.json)", file=sys.stderr)
         return 2
-    missing = [] if is_bundle(Path(args.carried)) else [n for n in SMALL if not (Path(args.carried) / n).is_dir()]
+    missing = missing_small(Path(args.carried))
     if missing:
         print(f"error: --carried {args.carried} lacks {', '.join(missing)} (see this module's docstring)",
               file=sys.stderr)

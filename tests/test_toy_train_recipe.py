@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -252,6 +253,14 @@ def test_gpu_orchestrator_takes_the_small_models_from_a_bundle_and_smokes_a_16x1
     folder = tmp_path / "not-a-bundle"
     folder.mkdir()
     assert toyworld_gpu.main(["--carried", str(folder), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    # A bundle from before the detail classifier: refused in one line before any work, not mid-smoke.
+    old = tmp_path / "old-bundle"
+    shutil.copytree(BUNDLE, old, ignore=shutil.ignore_patterns("detail"))
+    capsys.readouterr()
+    assert toyworld_gpu.main(["--carried", str(old), "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
+    assert "lacks detail" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    with pytest.raises(FileNotFoundError, match="lacks detail"):
+        toyworld_gpu.carry_bundle(old, tmp_path / "w-old")
 
 
 def test_gpu_orchestrator_sums_up_a_full_check(tmp_path, monkeypatch):

@@ -14,15 +14,11 @@ def _ints(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _vae_levels(_: Any, attribute: Any, value: tuple[int, ...]) -> None:
+def _latent_shape(settings: Any, _: Any, latent_channels: int) -> None:
+    """The VAE's rules on its levels (three or four, 16x16 or 8x8 latents; multiples of 8) and channels."""
     from hifi_backends.toy.models import vae_config
 
-    vae_config(value)  # three or four levels (16x16 or 8x8 latents), each a multiple of 8
-
-
-def _positive(_: Any, attribute: Any, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+    vae_config(settings.vae_width, latent_channels)
 
 
 @attrs.frozen
@@ -57,9 +53,9 @@ class TrainSettings:
     unet_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain epsilon MSE
     unet_object_weight: float = 0.0  # extra loss weight on the latent cells the object covers (0: none)
     unet_detail_weight: float = 0.0  # extra loss weight on the cells its pattern and mark cover (0: none)
-    vae_width: tuple[int, ...] = attrs.field(default=(16, 32, 64, 64), converter=_ints, validator=_vae_levels)
+    vae_width: tuple[int, ...] = attrs.field(default=(16, 32, 64, 64), converter=_ints)
     """The VAE's levels: four give 8x8 latents (factor 8, the bundle's), three give 16x16 (factor 4)."""
-    latent_channels: int = attrs.field(default=4, validator=_positive)  # 4 as in SD 1.x/2.x, 16 as in SD3
+    latent_channels: int = attrs.field(default=4, validator=_latent_shape)  # 4 as in SD 1.x/2.x, 16 as in SD3
     unet_width: tuple[int, ...] = attrs.field(default=(64, 128), converter=_ints)  # the UNet's levels
     unet_layers: int = 1  # ResNet + attention layers per UNet level
     device: str = "cpu"  # where the VAE, latents and UNet stages run ("cuda" on a GPU machine)
